@@ -1,0 +1,571 @@
+"""JWS compact serialization (RFC 7515) for signing uplinked vehicle data.
+
+Each vehicle signs its messages with its own key so the cloud can tell which vehicle
+produced a message and that nobody altered it in transit, independent of the TLS
+connection that carried it. Only two algorithms are supported, deliberately:
+
+* ``ES256``: ECDSA on P-256 with SHA-256 (RFC 7518 section 3.4);
+* ``EdDSA``: Ed25519 (RFC 8037).
+
+Keys are published to verifiers as an RFC 7517 JWK Set; each key is identified by its
+RFC 7638 thumbprint (``kid``), so a key id cannot silently refer to a different key.
+
+The verifier is strict on purpose: it never guesses an algorithm (``alg`` must match the
+key it names), rejects ``none``, rejects duplicate JSON members and non-standard JSON
+constants, and only parses the payload after the signature has been checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dh, dsa, ec, ed448, ed25519, rsa, x448, x25519
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from agent.errors import ConfigError, KeyFileError
+
+__all__ = [
+    "PrivateKey",
+    "PublicKey",
+    "Signer",
+    "VerificationError",
+    "Verifier",
+    "b64url_decode",
+    "b64url_encode",
+    "jwk_thumbprint",
+    "load_private_key",
+    "public_jwk",
+    "write_jwks",
+]
+
+PrivateKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
+PublicKey = Union[ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey]
+
+SUPPORTED_ALGS = frozenset({"ES256", "EdDSA"})
+
+# P-256 coordinates, scalars and Ed25519 public keys are all 32 bytes.
+_P256_SIZE = 32
+_ED25519_SIZE = 32
+_SIG_SIZE = 64
+
+# RFC 7638 section 3.2: the members that define each key type, nothing else.
+_THUMBPRINT_MEMBERS: dict[str, tuple[str, ...]] = {
+    "EC": ("crv", "kty", "x", "y"),
+    "OKP": ("crv", "kty", "x"),
+    "RSA": ("e", "kty", "n"),
+    "oct": ("k", "kty"),
+}
+
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+# Members that would turn a public JWK into a private one (RFC 7518 section 6).
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "k", "oth")
+
+
+# --------------------------------------------------------------------------- base64url
+
+
+def b64url_encode(data: bytes) -> str:
+    """Base64url without padding (RFC 7515 section 2), as JWS requires."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict inverse of :func:`b64url_encode`.
+
+    Rejects padding, characters outside the base64url alphabet (the standard library
+    would silently drop or accept ``+``/``/``) and non-canonical trailing bits, so that
+    each byte string has exactly one accepted encoding.
+
+    :raises ValueError: if ``text`` is not canonical unpadded base64url.
+    """
+    if not _B64URL_RE.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:  # pragma: no cover - regex already guards
+        raise ValueError("not base64url") from exc
+    if b64url_encode(data) != text:
+        raise ValueError("non-canonical base64url")
+    return data
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _describe_key(key: object) -> str:
+    """Human name of a key type, for error messages."""
+    if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
+        return f"RSA ({key.key_size}-bit)"
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        return f"EC {key.curve.name}"
+    names: list[tuple[tuple[type, ...], str]] = [
+        ((ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey), "Ed25519"),
+        ((ed448.Ed448PrivateKey, ed448.Ed448PublicKey), "Ed448"),
+        ((x25519.X25519PrivateKey, x25519.X25519PublicKey), "X25519"),
+        ((x448.X448PrivateKey, x448.X448PublicKey), "X448"),
+        ((dsa.DSAPrivateKey, dsa.DSAPublicKey), "DSA"),
+        ((dh.DHPrivateKey, dh.DHPublicKey), "DH"),
+    ]
+    for types, name in names:
+        if isinstance(key, types):
+            return name
+    return type(key).__name__
+
+
+def _is_p256(key: object) -> bool:
+    return isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) and isinstance(
+        key.curve, ec.SECP256R1
+    )
+
+
+def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
+    """Load an unencrypted PEM private key that can sign JWS (EC P-256 or Ed25519).
+
+    Keys live on the vehicle without a passphrase (there is nobody to type one), so an
+    encrypted key is reported as such rather than prompting. File permissions are
+    checked by the caller, not here.
+
+    :raises KeyFileError: ``"<path>: <what is wrong>"`` for a missing or unreadable
+        file, data that is not a PEM private key, or an unsupported key type.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise KeyFileError(f"{path}: is a directory, expected a PEM private key file") from None
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data:
+        raise KeyFileError(f"{path}: key is encrypted; an unencrypted PKCS#8 PEM key is required")
+    if b"-----BEGIN" not in data:
+        raise KeyFileError(f"{path}: not a PEM file (no '-----BEGIN' line)")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise KeyFileError(f"{path}: key is encrypted; an unencrypted PKCS#8 PEM key is required") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyFileError(f"{path}: not a valid PEM private key") from None
+    if _is_p256(key) or isinstance(key, ed25519.Ed25519PrivateKey):
+        return key  # type: ignore[return-value]
+    raise KeyFileError(
+        f"{path}: unsupported key type {_describe_key(key)}; expected EC P-256 or Ed25519"
+    )
+
+
+def jwk_thumbprint(jwk: dict[str, Any]) -> str:
+    """RFC 7638 JWK thumbprint (SHA-256, base64url), used as the key id.
+
+    Only the members that define the key are hashed, in lexicographic order with no
+    whitespace, so the id is stable whatever else (``kid``, ``use``, ``vid``...) the JWK
+    carries. RSA and ``oct`` are accepted here, although we never sign with them, so the
+    function can be checked against the RFC's own example.
+
+    :raises ValueError: unknown ``kty`` or a required member missing / not a string.
+    """
+    kty = jwk.get("kty")
+    if not isinstance(kty, str):
+        raise ValueError("missing 'kty'" if kty is None else "'kty' must be a string")
+    members = _THUMBPRINT_MEMBERS.get(kty)
+    if members is None:
+        raise ValueError(f"unsupported kty {kty!r}")
+    required: dict[str, str] = {}
+    for name in members:
+        value = jwk.get(name)
+        if value is None:
+            raise ValueError(f"missing {name!r}")
+        if not isinstance(value, str):
+            raise ValueError(f"{name!r} must be a string")
+        required[name] = value
+    canonical = json.dumps(required, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return b64url_encode(hashlib.sha256(canonical.encode("utf-8")).digest())
+
+
+def _alg_for(key: object) -> str:
+    if _is_p256(key):
+        return "ES256"
+    if isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
+        return "EdDSA"
+    raise TypeError(f"unsupported key type {_describe_key(key)}; expected EC P-256 or Ed25519")
+
+
+def public_jwk(public_key: PublicKey) -> dict[str, str]:
+    """RFC 7517 JWK for a P-256 or Ed25519 public key, with ``kid``, ``alg`` and ``use``.
+
+    ``alg`` is included so a verifier pins the key to one algorithm (no algorithm
+    confusion); ``kid`` is the RFC 7638 thumbprint.
+
+    :raises TypeError: for any other key type (a programming error, not user input).
+    """
+    alg = _alg_for(public_key)
+    jwk: dict[str, str]
+    if alg == "ES256":
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        numbers = public_key.public_numbers()
+        jwk = {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": b64url_encode(numbers.x.to_bytes(_P256_SIZE, "big")),
+            "y": b64url_encode(numbers.y.to_bytes(_P256_SIZE, "big")),
+        }
+    else:
+        assert isinstance(public_key, ed25519.Ed25519PublicKey)
+        raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(raw)}
+    jwk["kid"] = jwk_thumbprint(jwk)
+    jwk["alg"] = alg
+    jwk["use"] = "sig"
+    return jwk
+
+
+def write_jwks(path: str | os.PathLike[str], jwks: list[dict[str, Any]]) -> None:
+    """Write ``{"keys": [...]}`` as pretty JSON.
+
+    The file is replaced atomically (temp file + rename) so a verifier reading it
+    concurrently never sees half a key set. It holds public keys only: mode 0644.
+    """
+    target = Path(path)
+    text = json.dumps({"keys": jwks}, indent=2, ensure_ascii=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o644)
+            fh.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------- signing
+
+
+class Signer:
+    """Signs claims as JWS compact tokens with one private key.
+
+    Created once at start-up; everything that does not depend on the claims (algorithm,
+    key id, encoded protected header) is computed here so :meth:`sign` does only the
+    serialization and the signature. Attributes are read-only.
+    """
+
+    __slots__ = ("_key", "_alg", "_kid", "_jwk", "_prefix")
+
+    _key: PrivateKey
+    _alg: str
+    _kid: str
+    _jwk: dict[str, str]
+    _prefix: bytes
+
+    def __init__(self, private_key: PrivateKey) -> None:
+        alg = _alg_for(private_key)
+        jwk = public_jwk(private_key.public_key())
+        header = json.dumps(
+            {"alg": alg, "kid": jwk["kid"], "typ": "JWT"}, separators=(",", ":")
+        ).encode("ascii")
+        set_ = object.__setattr__
+        set_(self, "_key", private_key)
+        set_(self, "_alg", alg)
+        set_(self, "_kid", jwk["kid"])
+        set_(self, "_jwk", jwk)
+        set_(self, "_prefix", b64url_encode(header).encode("ascii") + b".")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Signer:
+        """Signer for the key in ``path`` (see :func:`load_private_key` for errors)."""
+        return cls(load_private_key(path))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __repr__(self) -> str:
+        return f"Signer(alg={self._alg!r}, kid={self._kid!r})"
+
+    @property
+    def alg(self) -> str:
+        """JWS algorithm: ``"ES256"`` or ``"EdDSA"``."""
+        return self._alg
+
+    @property
+    def kid(self) -> str:
+        """RFC 7638 thumbprint of the public key, sent in every header."""
+        return self._kid
+
+    @property
+    def public_jwk(self) -> dict[str, str]:
+        """The public JWK (a copy, so callers can add members such as ``vid``)."""
+        return dict(self._jwk)
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        """Return ``b64url(header).b64url(payload).b64url(signature)``.
+
+        The payload is canonical JSON (sorted keys, no whitespace, UTF-8) so the same
+        claims always produce the same payload bytes.
+        """
+        payload = json.dumps(
+            claims, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode()
+        signing_input = self._prefix + b64url_encode(payload).encode("ascii")
+        key = self._key
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            signature = key.sign(signing_input)
+        else:
+            # cryptography returns DER; JWS wants fixed-width r || s (RFC 7518 3.4).
+            r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+            signature = r.to_bytes(_P256_SIZE, "big") + s.to_bytes(_P256_SIZE, "big")
+        return (signing_input + b"." + b64url_encode(signature).encode("ascii")).decode("ascii")
+
+
+# --------------------------------------------------------------------------- verification
+
+
+class VerificationError(Exception):
+    """A token was rejected. ``reason`` is a short, stable code for metrics and logs:
+
+    ``"malformed"``, ``"unsupported alg"``, ``"unknown kid"``, ``"alg mismatch"`` or
+    ``"bad signature"``. The message may add detail after the reason.
+    """
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(reason if detail is None else f"{reason}: {detail}")
+        self.reason = reason
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # RFC 7515 section 5.2: duplicate header names must be rejected (or last-wins);
+    # rejecting means two parsers can never disagree on what a token says.
+    obj: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in obj:
+            raise ValueError(f"duplicate member {name!r}")
+        obj[name] = value
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _strict_json_object(data: bytes, what: str) -> dict[str, Any]:
+    """Parse ``data`` as a UTF-8 JSON object, or raise ``VerificationError("malformed")``."""
+    try:
+        value = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise VerificationError("malformed", f"{what} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise VerificationError("malformed", f"{what} is not a JSON object")
+    return value
+
+
+class _JwkError(ValueError):
+    """Internal: what is wrong with one JWK; the caller adds file and index."""
+
+
+def _decode_member(jwk: dict[str, Any], name: str, size: int) -> bytes:
+    value = jwk.get(name)
+    if value is None:
+        raise _JwkError(f"missing {name!r}")
+    if not isinstance(value, str):
+        raise _JwkError(f"{name!r} must be a string")
+    try:
+        raw = b64url_decode(value)
+    except ValueError:
+        raise _JwkError(f"{name!r} is not base64url") from None
+    if len(raw) != size:
+        raise _JwkError(f"{name!r} must be {size} bytes, got {len(raw)}")
+    return raw
+
+
+def _key_from_jwk(jwk: Any) -> tuple[str, PublicKey]:
+    """(alg, public key) for one JWK, or raise :class:`_JwkError`."""
+    if not isinstance(jwk, dict):
+        raise _JwkError("not a JSON object")
+    for name in _PRIVATE_MEMBERS:
+        if name in jwk:
+            raise _JwkError(f"contains private member {name!r}; publish public keys only")
+    kty = jwk.get("kty")
+    if kty is None:
+        raise _JwkError("missing 'kty'")
+    crv = jwk.get("crv")
+    key: PublicKey
+    if kty == "EC":
+        if crv != "P-256":
+            raise _JwkError(f"unsupported crv {crv!r} (only P-256)" if crv else "missing 'crv'")
+        x = _decode_member(jwk, "x", _P256_SIZE)
+        y = _decode_member(jwk, "y", _P256_SIZE)
+        try:
+            key = ec.EllipticCurvePublicNumbers(
+                int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
+            ).public_key()
+        except ValueError:
+            raise _JwkError("'x'/'y' is not a point on P-256") from None
+        alg = "ES256"
+    elif kty == "OKP":
+        if crv != "Ed25519":
+            raise _JwkError(f"unsupported crv {crv!r} (only Ed25519)" if crv else "missing 'crv'")
+        x = _decode_member(jwk, "x", _ED25519_SIZE)
+        key = ed25519.Ed25519PublicKey.from_public_bytes(x)
+        alg = "EdDSA"
+    else:
+        raise _JwkError(f"unsupported kty {kty!r} (only EC P-256 and OKP Ed25519)")
+    if "alg" in jwk and jwk["alg"] != alg:
+        raise _JwkError(f"'alg' is {jwk['alg']!r} but the key is {alg}")
+    if "use" in jwk and jwk["use"] != "sig":
+        raise _JwkError(f"'use' is {jwk['use']!r}, expected 'sig'")
+    return alg, key
+
+
+class Verifier:
+    """Verifies JWS compact tokens against a fixed JWK Set, looking keys up by ``kid``."""
+
+    def __init__(self, jwks: dict[str, Any], *, source: str = "JWK Set") -> None:
+        """Parse and validate every key up front, so a bad key set fails at start-up.
+
+        :param source: named in error messages (the file path when loaded from a file).
+        :raises ConfigError: ``"<source>: keys[2]: missing 'x'"`` and the like.
+        """
+        if not isinstance(jwks, dict):
+            raise ConfigError(f"{source}: expected a JSON object with a 'keys' array")
+        keys = jwks.get("keys")
+        if not isinstance(keys, list):
+            raise ConfigError(
+                f"{source}: missing 'keys' array" if keys is None else f"{source}: 'keys' must be an array"
+            )
+        if not keys:
+            raise ConfigError(f"{source}: 'keys' is empty; no token could ever verify")
+        self._keys: dict[str, tuple[str, PublicKey]] = {}
+        self._jwks: dict[str, dict[str, Any]] = {}
+        first_index: dict[str, int] = {}
+        for index, jwk in enumerate(keys):
+            where = f"{source}: keys[{index}]"
+            try:
+                alg, key = _key_from_jwk(jwk)
+            except _JwkError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            kid = jwk.get("kid")
+            if kid is None:
+                kid = jwk_thumbprint(jwk)
+            elif not isinstance(kid, str) or not kid:
+                raise ConfigError(f"{where}: 'kid' must be a non-empty string")
+            if kid in self._keys:
+                raise ConfigError(f"{where}: duplicate kid {kid!r} (also keys[{first_index[kid]}])")
+            first_index[kid] = index
+            self._keys[kid] = (alg, key)
+            self._jwks[kid] = dict(jwk)
+
+    @classmethod
+    def from_jwks_file(cls, path: str | os.PathLike[str]) -> Verifier:
+        """Verifier for the RFC 7517 JWK Set in ``path``.
+
+        :raises ConfigError: ``"<path>: <what is wrong>"``.
+        """
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            ) from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid JSON: nested too deeply") from None
+        return cls(data, source=str(path))
+
+    @property
+    def kids(self) -> frozenset[str]:
+        """Key ids this verifier accepts."""
+        return frozenset(self._keys)
+
+    def jwk(self, kid: str) -> dict[str, Any] | None:
+        """The JWK (as given, with extra members such as ``vid``) for ``kid``, or None."""
+        jwk = self._jwks.get(kid)
+        return None if jwk is None else dict(jwk)
+
+    def verify(self, token: str | bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Return ``(header, claims)`` of a valid token.
+
+        The payload is only parsed once the signature has been checked.
+
+        :raises VerificationError: for any invalid token; never anything else for
+            ``str``/``bytes`` input.
+        :raises TypeError: if ``token`` is neither ``str`` nor ``bytes``.
+        """
+        if isinstance(token, (bytes, bytearray)):
+            try:
+                token = bytes(token).decode("ascii")
+            except UnicodeDecodeError:
+                raise VerificationError("malformed", "token is not ASCII") from None
+        elif not isinstance(token, str):
+            raise TypeError(f"token must be str or bytes, not {type(token).__name__}")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise VerificationError("malformed", "expected 3 dot-separated parts")
+        header_b64, payload_b64, sig_b64 = parts
+        try:
+            header_raw = b64url_decode(header_b64)
+            payload_raw = b64url_decode(payload_b64)
+            signature = b64url_decode(sig_b64)
+        except ValueError:
+            raise VerificationError("malformed", "part is not base64url") from None
+
+        header = _strict_json_object(header_raw, "header")
+        alg = header.get("alg")
+        if not isinstance(alg, str):
+            raise VerificationError("malformed", "header has no string 'alg'")
+        if "crit" in header:
+            # RFC 7515 4.1.11: we understand no extensions, so must reject.
+            raise VerificationError("malformed", "unsupported 'crit' header")
+        if alg not in SUPPORTED_ALGS:
+            raise VerificationError("unsupported alg", alg[:32])
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise VerificationError("malformed", "'kid' is not a string")
+        entry = self._keys.get(kid) if kid is not None else None
+        if entry is None:
+            raise VerificationError("unknown kid")
+        key_alg, key = entry
+        if alg != key_alg:
+            raise VerificationError("alg mismatch", f"header says {alg}, key is {key_alg}")
+
+        if len(signature) != _SIG_SIZE:
+            raise VerificationError("bad signature", "wrong length")
+        signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
+        try:
+            if isinstance(key, ed25519.Ed25519PublicKey):
+                key.verify(signature, signing_input)
+            else:
+                der = encode_dss_signature(
+                    int.from_bytes(signature[:_P256_SIZE], "big"),
+                    int.from_bytes(signature[_P256_SIZE:], "big"),
+                )
+                key.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise VerificationError("bad signature") from None
+
+        claims = _strict_json_object(payload_raw, "payload")
+        return header, claims
