@@ -1,0 +1,164 @@
+"""The ``car-agent`` command line: parses arguments and calls the library. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+log = logging.getLogger("car_agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="car-agent",
+        description="In-car agent: CAN bus -> DBC decoding -> COVESA VSS signals -> signed MQTT 5.",
+    )
+    parser.add_argument("--version", action="version", version=f"car-agent {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="debug logging, and tracebacks with errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("check-config", help="load config, DBCs and mapping; report problems")
+    p.add_argument("--config", required=True, type=Path, help="agent config (YAML)")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("decode", help="decode a capture offline: one JSON line per signal change")
+    p.add_argument("capture", type=Path, help="candump -L .log, .asc, .blf, .trc (.gz too)")
+    p.add_argument("--config", required=True, type=Path,
+                   help="agent config (only vehicle_id, dbc and mapping are used)")
+    p.add_argument("--format", choices=("candump", "asc", "blf", "trc"),
+                   help="capture format (default: from the file extension)")
+    p.add_argument("--channel", help="only frames of this channel (default: all channels)")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("simulate", help="write a simulated drive as a candump -L capture")
+    p.add_argument("--config", required=True, type=Path, help="agent config (YAML)")
+    p.add_argument("--duration", required=True, type=_positive_float, metavar="SECONDS")
+    p.add_argument("--out", required=True, help="output file (- for stdout)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument("--bus-load", type=_positive_float, default=2000.0, metavar="FRAMES_PER_S",
+                   help="total frames/s including unrelated traffic (default 2000)")
+    p.add_argument("--channel", help="channel name written in the capture (default: can.channel "
+                                     "of the config, else vcan0)")
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .vehicle import load_vehicle
+
+    vehicle = load_vehicle(args.config)
+    config = vehicle.config
+    decoder = vehicle.decoder()
+    for warning in vehicle.database.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    messages = sum(1 for _ in vehicle.database.by_key)
+    print(f"{config.file}: OK")
+    print(f"  vehicle {config.vehicle_id}; {len(config.dbc)} DBC file(s), {messages} messages")
+    print(f"  {len(decoder.paths)} VSS signals from {len(decoder.frame_keys)} frame id(s):")
+    for line in decoder.describe():
+        print(f"    {line}")
+    if config.can is None:
+        print("  source: none (can: missing; `decode` still works)")
+    elif config.can.capture is not None:
+        print(f"  source: capture {config.can.capture}")
+    else:
+        print(f"  source: {config.can.interface} {config.can.channel or ''}".rstrip())
+    if config.mqtt is None:
+        print("  uplink: none (mqtt: missing; `decode` still works)")
+    else:
+        print(f"  uplink: mqtts://{config.mqtt.host}:{config.mqtt.port} "
+              f"topics {config.mqtt.topic_prefix}/{config.vehicle_id}/...")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from .capture import open_capture
+    from .state import SignalPipeline
+    from .vehicle import load_vehicle
+
+    vehicle = load_vehicle(args.config)
+    pipeline = SignalPipeline(vehicle.decoder())
+    out = sys.stdout
+    dumps = json.dumps
+    changes = 0
+    with open_capture(args.capture, args.format, args.channel) as reader:
+        for change in pipeline.run(reader):
+            out.write(dumps(change.as_dict()) + "\n")
+            changes += 1
+        out.flush()
+        counters = pipeline.decoder.counters
+        summary = reader.malformed_summary()
+        if summary:
+            print(summary, file=sys.stderr)
+        print(f"{reader.path}: {reader.frames} frames ({counters.decoded} decoded, "
+              f"{counters.unchanged} unchanged, {counters.unmapped} unmapped, "
+              f"{counters.error_frames} error frames, {counters.wrong_length} wrong length, "
+              f"{counters.undecodable} undecodable"
+              + (f", {reader.other_channel} on other channels" if reader.other_channel else "")
+              + f"), {changes} signal changes", file=sys.stderr)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import write_capture
+    from .vehicle import load_vehicle
+
+    vehicle = load_vehicle(args.config)
+    target = sys.stdout if args.out == "-" else Path(args.out)
+    try:
+        frames = write_capture(vehicle, target, args.duration, args.seed, args.bus_load,
+                               args.channel)
+    except OSError as exc:
+        raise UserError(f"{args.out}: cannot write capture: {exc.strerror}") from None
+    print(f"simulate: wrote {frames} frames ({args.duration:g} s, "
+          f"{frames / args.duration:.0f} frames/s, seed {args.seed}) to {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"car-agent {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `car-agent decode x.log | head`: the reader went away; not an error of ours.
+        try:
+            sys.stdout = open("/dev/null", "w")  # noqa: SIM115 - silence the flush at exit
+        except OSError:
+            pass
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

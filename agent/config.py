@@ -1,0 +1,206 @@
+"""The agent's configuration file: YAML in, typed frozen dataclasses out.
+
+Keys are documented in README.md ("Configuration"). Only ``vehicle_id``, ``dbc`` and ``mapping``
+are needed by every command; the others are checked by the commands that use them
+(:meth:`AgentConfig.require`), so that offline decoding needs no certificates.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .schema import Section, load_yaml
+
+#: Vehicle ids end up in MQTT topics and certificate CNs: no wildcards, separators or spaces.
+VEHICLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CAPTURE_FORMATS = ("candump", "asc", "blf", "trc")
+
+
+@dataclass(frozen=True)
+class CanConfig:
+    """Where frames come from: a python-can bus, or a capture file."""
+
+    interface: str | None = None
+    channel: str | None = None
+    fd: bool = False
+    bitrate: int | None = None
+    capture: Path | None = None
+    capture_format: str | None = None
+    realtime: bool = True
+    capture_channel: str | None = None
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    key: Path
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str
+    port: int
+    ca: Path
+    cert: Path
+    key: Path
+    topic_prefix: str = "vehicles"
+    client_id: str | None = None
+    keepalive_s: int = 30
+    max_inflight: int = 20
+    tls_version: str = "1.2"
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path
+    max_bytes: int = 64 * 1024 * 1024
+    max_age_s: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    file: Path
+    vehicle_id: str
+    dbc: tuple[Path, ...]
+    mapping: Path
+    can: CanConfig | None = None
+    signing: SigningConfig | None = None
+    mqtt: MqttConfig | None = None
+    store: StoreConfig | None = None
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def require(self, *sections: str) -> None:
+        """Fail with one line if a section a command needs is absent."""
+        for name in sections:
+            if getattr(self, name) is None:
+                raise ConfigError(f"{self.file}: {name}: missing (this command needs it)")
+
+
+TOP_KEYS = ("vehicle_id", "can", "dbc", "mapping", "signing", "mqtt", "store", "logging")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Load and validate an agent config file (DBC and mapping files are not opened here)."""
+    file = Path(path)
+    top = Section(load_yaml(file, "config"), file)
+    top.reject_unknown(TOP_KEYS)
+
+    vehicle_id = top.text("vehicle_id", required=True)
+    if not VEHICLE_ID_PATTERN.match(vehicle_id):
+        raise top.error("vehicle_id", f"{vehicle_id!r} is not a valid vehicle id "
+                                      "(1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)")
+
+    dbc_value = top.data.get("dbc")
+    if isinstance(dbc_value, (str, int)) and not isinstance(dbc_value, bool):
+        dbc_value = [dbc_value]
+    if not isinstance(dbc_value, list) or not dbc_value:
+        raise top.error("dbc", "expected one DBC path or a non-empty list of them")
+    dbc_section = Section({str(i): v for i, v in enumerate(dbc_value)}, file, "dbc")
+    dbc = tuple(dbc_section.path_value(str(i), required=True) for i in range(len(dbc_value)))
+
+    return AgentConfig(
+        file=file,
+        vehicle_id=vehicle_id,
+        dbc=dbc,
+        mapping=top.path_value("mapping", required=True),
+        can=_can(top.section("can")),
+        signing=_signing(top.section("signing")),
+        mqtt=_mqtt(top.section("mqtt")),
+        store=_store(top.section("store")),
+        logging=_logging(top.section("logging")),
+    )
+
+
+def _can(s: Section | None) -> CanConfig | None:
+    if s is None:
+        return None
+    s.reject_unknown(("interface", "channel", "fd", "bitrate", "capture", "format", "realtime",
+                      "capture_channel"))
+    capture = s.path_value("capture")
+    if capture is not None and (s.has("interface") or s.has("channel")):
+        raise s.error("capture", "give either a capture file or interface/channel, not both")
+    if capture is None and not s.has("interface"):
+        raise s.error("interface", "missing (expected a python-can interface name such as "
+                                   "socketcan, or a capture file under can.capture)")
+    fmt = s.text("format")
+    if fmt is not None and fmt not in CAPTURE_FORMATS:
+        raise s.error("format", f"expected one of {', '.join(CAPTURE_FORMATS)}, got {fmt!r}")
+    return CanConfig(
+        interface=s.text("interface"),
+        channel=s.text("channel"),
+        fd=s.get("fd", bool, False),
+        bitrate=s.integer("bitrate", minimum=1000, maximum=10_000_000),
+        capture=capture,
+        capture_format=fmt,
+        realtime=s.get("realtime", bool, True),
+        capture_channel=s.text("capture_channel"),
+    )
+
+
+def _signing(s: Section | None) -> SigningConfig | None:
+    if s is None:
+        return None
+    s.reject_unknown(("key",))
+    return SigningConfig(key=s.path_value("key", required=True))
+
+
+def _mqtt(s: Section | None) -> MqttConfig | None:
+    if s is None:
+        return None
+    s.reject_unknown(("host", "port", "ca", "cert", "key", "topic_prefix", "client_id",
+                      "keepalive_s", "max_inflight", "tls_version", "reconnect_min_s",
+                      "reconnect_max_s"))
+    prefix = s.text("topic_prefix", "vehicles")
+    if any(c in prefix for c in "+#\x00") or prefix.startswith("/") or prefix.endswith("/"):
+        raise s.error("topic_prefix", f"{prefix!r} must not contain + # or NUL, "
+                                      "nor start or end with /")
+    tls_version = str(s.get("tls_version", (str, float), "1.2"))
+    if tls_version not in ("1.2", "1.3"):
+        raise s.error("tls_version", f"expected \"1.2\" or \"1.3\" (the minimum), got {tls_version!r}")
+    reconnect_min = s.number("reconnect_min_s", 1.0, minimum=0.05)
+    reconnect_max = s.number("reconnect_max_s", 60.0, minimum=reconnect_min)
+    return MqttConfig(
+        host=s.text("host", required=True),
+        port=s.integer("port", 8883, minimum=1, maximum=65535),
+        ca=s.path_value("ca", required=True),
+        cert=s.path_value("cert", required=True),
+        key=s.path_value("key", required=True),
+        topic_prefix=prefix,
+        client_id=s.text("client_id"),
+        keepalive_s=s.integer("keepalive_s", 30, minimum=5, maximum=3600),
+        max_inflight=s.integer("max_inflight", 20, minimum=1, maximum=1000),
+        tls_version=tls_version,
+        reconnect_min_s=float(reconnect_min),
+        reconnect_max_s=float(reconnect_max),
+    )
+
+
+def _store(s: Section | None) -> StoreConfig | None:
+    if s is None:
+        return None
+    s.reject_unknown(("path", "max_bytes", "max_age_s"))
+    return StoreConfig(
+        path=s.path_value("path", required=True),
+        max_bytes=s.integer("max_bytes", 64 * 1024 * 1024, minimum=4096),
+        max_age_s=float(s.number("max_age_s", 7 * 86400.0, minimum=1.0)),
+    )
+
+
+def _logging(s: Section | None) -> LoggingConfig:
+    if s is None:
+        return LoggingConfig()
+    s.reject_unknown(("level",))
+    level = s.text("level", "info").lower()
+    if level not in LOG_LEVELS:
+        raise s.error("level", f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return LoggingConfig(level=level)

@@ -1,0 +1,122 @@
+"""Loading DBC files with cantools, with one-line errors and tolerance for common quirks.
+
+Real DBCs often fail cantools' strict checks (overlapping signals in messages we never map) or
+write factors as ``.25``; neither should stop a user whose mapped signals are fine. Such files
+load with a warning; real syntax errors name the file, line and column.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cantools
+from cantools.database.can import Message
+
+from .errors import ConfigError
+
+EXTENDED_KEY = 0x80000000   # frame key = id | EXTENDED_KEY for 29-bit ids (no tuple per frame)
+MAX_DBC_BYTES = 32 * 1024 * 1024
+
+_SYNTAX = re.compile(r'Invalid syntax at line (\d+), column (\d+): "(.*)"', re.S)
+# A number written without its leading zero (".25") inside an SG_ line's (factor,offset) or [min|max].
+_LEADING_DOT = re.compile(r"(?<=[(,\[|])([-+]?)\.(\d)")
+
+
+def frame_key(frame_id: int, extended: bool) -> int:
+    return frame_id | EXTENDED_KEY if extended else frame_id
+
+
+@dataclass
+class VehicleDatabase:
+    """The messages of one or more DBC files, indexed for the mapping."""
+
+    files: tuple[Path, ...]
+    by_key: dict[int, Message] = field(default_factory=dict)
+    by_name: dict[str, Message] = field(default_factory=dict)
+    source: dict[int, Path] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def find(self, message: str | int) -> Message | None:
+        """A message by name, or by frame id (11-bit ids first, then 29-bit)."""
+        if isinstance(message, str):
+            return self.by_name.get(message)
+        return self.by_key.get(message) or self.by_key.get(message | EXTENDED_KEY)
+
+
+def load_dbcs(paths: tuple[Path, ...] | list[Path]) -> VehicleDatabase:
+    vdb = VehicleDatabase(files=tuple(paths))
+    for path in paths:
+        db = _load_one(path, vdb.warnings)
+        for msg in db.messages:
+            key = frame_key(msg.frame_id, msg.is_extended_frame)
+            if key in vdb.by_key:
+                other = vdb.source[key]
+                raise ConfigError(f"{path}: message {msg.name} ({msg.frame_id:#x}) is also "
+                                  f"defined in {other} as {vdb.by_key[key].name}")
+            if msg.name in vdb.by_name:
+                raise ConfigError(f"{path}: message name {msg.name} is also defined in "
+                                  f"{vdb.source[frame_key(vdb.by_name[msg.name].frame_id, vdb.by_name[msg.name].is_extended_frame)]}")
+            vdb.by_key[key] = msg
+            vdb.by_name[msg.name] = msg
+            vdb.source[key] = path
+    return vdb
+
+
+def _load_one(path: Path, warnings: list[str]) -> cantools.database.Database:
+    try:
+        if path.stat().st_size > MAX_DBC_BYTES:
+            raise ConfigError(f"{path}: DBC file larger than {MAX_DBC_BYTES} bytes")
+        # cp1252 is cantools' own default for DBC files (Vector tools write it); it maps every byte.
+        text = path.read_bytes().decode("cp1252", errors="replace")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: DBC file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: DBC file is a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read DBC file: {exc.strerror}") from None
+
+    fixed = "\n".join(
+        _LEADING_DOT.sub(r"\g<1>0.\2", line) if line.lstrip().startswith("SG_") else line
+        for line in text.split("\n")
+    )
+    if fixed != text:
+        warnings.append(f"{path}: numbers written without a leading zero (like .25) were read "
+                        "as 0.25")
+    try:
+        return _parse(fixed, strict=True)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - cantools raises many types; all mean "bad DBC"
+        strict_error = _message(exc)
+        if _SYNTAX.search(str(exc)):
+            raise ConfigError(f"{path}:{_syntax_location(exc)}") from None
+    try:
+        db = _parse(fixed, strict=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{path}: not a usable DBC file: {_message(exc)}") from None
+    warnings.append(f"{path}: loaded without cantools' strict checks ({strict_error})")
+    return db
+
+
+def _parse(text: str, strict: bool) -> cantools.database.Database:
+    db = cantools.database.Database(strict=strict)
+    db.add_dbc_string(text)
+    if not db.messages:
+        raise ConfigError("no messages (BO_) in it")
+    return db
+
+
+def _syntax_location(exc: Exception) -> str:
+    match = _SYNTAX.search(str(exc))
+    line, column, context = match.group(1), match.group(2), match.group(3)
+    context = context.replace(">>!<<", "").strip()[:80]
+    return f"{line}:{column}: DBC syntax error in: {context}"
+
+
+def _message(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if text.startswith('DBC: "') and text.endswith('"'):
+        text = text[6:-1]
+    return text[:200]

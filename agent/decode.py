@@ -1,0 +1,352 @@
+"""Frames -> signal updates: the mapping bound to the DBC, precomputed per frame id.
+
+Everything that can be decided before the first frame is decided in :class:`Decoder`'s
+constructor (which frame ids matter, the bound cantools decoder, which signals feed which VSS
+path and how to convert them), so the per-frame path is a dict lookup, a length check, one
+cantools call and a few arithmetic operations per mapped signal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import can
+from cantools.database.can import Message, Signal
+
+from .dbc import EXTENDED_KEY, VehicleDatabase, frame_key
+from .errors import ConfigError
+from .signals import INVALID, VALID, Mapping, SignalSpec
+
+#: A converter turns a raw signal value into (published value, quality).
+Converter = Callable[[Any], "tuple[Any, str]"]
+_NOT_FOUND = object()
+_NO_UPDATES: tuple = ()
+# CAN FD payload sizes: a message of length n arrives in the next size up.
+_FD_SIZES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64)
+
+
+@dataclass
+class DecodeCounters:
+    """Per-run counters; a frame lands in exactly one of the skip buckets or in ``decoded``."""
+
+    frames: int = 0
+    decoded: int = 0
+    unchanged: int = 0
+    unmapped: int = 0
+    error_frames: int = 0
+    remote_frames: int = 0
+    wrong_length: int = 0
+    undecodable: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class _Plan:
+    """What to do with one frame id."""
+
+    __slots__ = ("decode", "lengths", "targets", "mux_signal", "feed", "mux_feeds", "last_data")
+
+    def __init__(self, message: Message) -> None:
+        self.decode = message.decode_simple
+        n = message.length
+        fd_size = next((s for s in _FD_SIZES if s >= n), n)
+        self.lengths = frozenset((n, fd_size)) if message.is_fd else frozenset((n,))
+        self.targets: list[tuple[int, str, int | None, Converter]] = []
+        self.mux_signal: str | None = None
+        self.feed = -1                      # staleness feed of a plain message
+        self.mux_feeds: dict[int, int] = {}  # mux value -> feed, for multiplexed pages
+        self.last_data: bytes | None = None
+
+
+class Decoder:
+    """Decodes frames into ``(signal index, value, quality)`` updates.
+
+    ``paths[i]`` is the VSS path of signal index ``i``. Freshness is tracked per *feed* (a
+    frame id, or one page of a multiplexed frame id) so that :meth:`expired` can report signals
+    whose frames stopped arriving.
+    """
+
+    def __init__(self, vdb: VehicleDatabase, mapping: Mapping) -> None:
+        self.counters = DecodeCounters()
+        self.paths: tuple[str, ...] = tuple(spec.path for spec in mapping.signals)
+        self.specs = mapping.signals
+        self._plans: dict[int, _Plan] = {}
+        self.feed_timeouts: list[float | None] = []
+        self.feed_signals: list[list[int]] = []
+        self.feed_names: list[str] = []
+        self.mux_values: list[int | None] = []   # per signal index: the mux page it reads
+        feed_ids: dict[tuple[int, int | None], int] = {}
+
+        for index, spec in enumerate(mapping.signals):
+            where = f"{mapping.file}: signals.{spec.path}"
+            message = vdb.find(spec.message)
+            if message is None:
+                shown = spec.message if isinstance(spec.message, str) else f"{spec.message:#x}"
+                raise ConfigError(f"{where}.message: no message {shown} in "
+                                  f"{', '.join(str(f) for f in vdb.files)}")
+            try:
+                signal = message.get_signal_by_name(spec.signal)
+            except KeyError:
+                names = ", ".join(s.name for s in message.signals[:12])
+                raise ConfigError(f"{where}.signal: message {message.name} has no signal "
+                                  f"{spec.signal!r} (it has: {names})") from None
+            key = frame_key(message.frame_id, message.is_extended_frame)
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plans[key] = _Plan(message)
+            mux_value = _mux_value(spec, message, signal, where)
+            self.mux_values.append(mux_value)
+            if mux_value is not None:
+                plan.mux_signal = signal.multiplexer_signal
+            feed = feed_ids.get((key, mux_value))
+            if feed is None:
+                feed = feed_ids[(key, mux_value)] = len(self.feed_timeouts)
+                self.feed_timeouts.append(None)
+                self.feed_signals.append([])
+                page = "" if mux_value is None else f"[{plan.mux_signal}={mux_value}]"
+                self.feed_names.append(f"{message.name}{page}")
+                if mux_value is None:
+                    plan.feed = feed
+                else:
+                    plan.mux_feeds[mux_value] = feed
+            self.feed_signals[feed].append(index)
+            timeout = _timeout_s(spec, message, mapping)
+            current = self.feed_timeouts[feed]
+            if timeout is not None and (current is None or timeout < current):
+                self.feed_timeouts[feed] = timeout
+            plan.targets.append((index, signal.name, mux_value, _converter(spec, signal, where)))
+
+        self.feed_seen: list[float | None] = [None] * len(self.feed_timeouts)
+        self._started: float | None = None
+        self._expired: list[bool] = [False] * len(self.feed_timeouts)
+
+    # -- what the source needs --------------------------------------------------------------
+    @property
+    def frame_keys(self) -> list[int]:
+        return sorted(self._plans)
+
+    def can_filters(self) -> list[dict]:
+        """python-can filters (kernel filters on socketcan) for exactly the mapped frame ids."""
+        filters = []
+        for key in self.frame_keys:
+            extended = bool(key & EXTENDED_KEY)
+            filters.append({
+                "can_id": key & 0x1FFFFFFF,
+                "can_mask": 0x1FFFFFFF if extended else 0x7FF,
+                "extended": extended,
+            })
+        return filters
+
+    # -- the hot path -----------------------------------------------------------------------
+    def decode(self, msg: can.Message) -> tuple | list:
+        """Updates carried by one frame; an empty tuple when it carries none (counted why)."""
+        counters = self.counters
+        counters.frames += 1
+        if msg.is_error_frame:
+            counters.error_frames += 1
+            return _NO_UPDATES
+        plan = self._plans.get(
+            msg.arbitration_id | EXTENDED_KEY if msg.is_extended_id else msg.arbitration_id
+        )
+        if plan is None:
+            counters.unmapped += 1
+            return _NO_UPDATES
+        if msg.is_remote_frame:
+            counters.remote_frames += 1
+            return _NO_UPDATES
+        data = msg.data
+        if len(data) not in plan.lengths:
+            counters.wrong_length += 1
+            return _NO_UPDATES
+        t = msg.timestamp
+        if plan.mux_signal is None:
+            self.feed_seen[plan.feed] = t
+            if data == plan.last_data:
+                counters.unchanged += 1
+                return _NO_UPDATES
+        try:
+            raw = plan.decode(bytes(data), False, False)
+        except Exception:  # noqa: BLE001 - cantools' decode errors vary; a bad frame is skipped
+            counters.undecodable += 1
+            return _NO_UPDATES
+        counters.decoded += 1
+        updates = []
+        if plan.mux_signal is None:
+            plan.last_data = data
+            for index, name, _mux, convert in plan.targets:
+                value = raw.get(name, _NOT_FOUND)
+                if value is not _NOT_FOUND:
+                    updates.append((index, *convert(value)))
+            return updates
+        page = raw.get(plan.mux_signal)
+        feed = plan.mux_feeds.get(page)
+        if feed is not None:
+            self.feed_seen[feed] = t
+        if plan.feed >= 0:
+            self.feed_seen[plan.feed] = t
+        for index, name, mux, convert in plan.targets:
+            if mux is not None and mux != page:
+                continue
+            value = raw.get(name, _NOT_FOUND)
+            if value is not _NOT_FOUND:
+                updates.append((index, *convert(value)))
+        return updates
+
+    def expired(self, now: float) -> list[int]:
+        """Signal indices whose feed has gone silent for longer than its timeout.
+
+        Reported once per silence; a feed reports again only after it was seen again.
+        Feeds never seen count from the first call.
+        """
+        if self._started is None:
+            self._started = now
+        out: list[int] = []
+        seen = self.feed_seen
+        for feed, timeout in enumerate(self.feed_timeouts):
+            if timeout is None:
+                continue
+            last = seen[feed]
+            if last is None:
+                last = self._started
+            if now - last > timeout:
+                if not self._expired[feed]:
+                    self._expired[feed] = True
+                    out.extend(self.feed_signals[feed])
+            elif self._expired[feed]:
+                self._expired[feed] = False
+        return out
+
+    def describe(self) -> list[str]:
+        """One line per feed: what is decoded from where, and its stale timeout."""
+        lines = []
+        for feed, name in enumerate(self.feed_names):
+            timeout = self.feed_timeouts[feed]
+            shown = "never stale" if timeout is None else f"stale after {timeout:g} s"
+            paths = ", ".join(self.paths[i] for i in self.feed_signals[feed])
+            lines.append(f"{name} ({shown}): {paths}")
+        return lines
+
+
+def _mux_value(spec: SignalSpec, message: Message, signal: Signal, where: str) -> int | None:
+    """The raw multiplexer value selecting the page this mapping reads, or None if unpaged."""
+    pages = signal.multiplexer_ids
+    if not pages:
+        if spec.mux is not None:
+            raise ConfigError(f"{where}.mux: signal {signal.name} of {message.name} is not "
+                              "multiplexed; remove `mux`")
+        return None
+    if spec.mux is None:
+        if len(pages) == 1:
+            return pages[0]
+        raise ConfigError(f"{where}.mux: signal {signal.name} is on several pages of "
+                          f"{message.name} ({signal.multiplexer_signal} = "
+                          f"{', '.join(map(str, pages))}); say which with `mux`")
+    value: int | None = spec.mux if isinstance(spec.mux, int) else None
+    if value is None:
+        mux_signal = message.get_signal_by_name(signal.multiplexer_signal)
+        for raw, name in (mux_signal.choices or {}).items():
+            if str(name) == spec.mux:
+                value = int(raw)
+        if value is None:
+            raise ConfigError(f"{where}.mux: {spec.mux!r} is not a value of "
+                              f"{signal.multiplexer_signal}")
+    if value not in pages:
+        raise ConfigError(f"{where}.mux: signal {signal.name} is not on page {value} of "
+                          f"{message.name} (pages: {', '.join(map(str, pages))})")
+    return value
+
+
+def _timeout_s(spec: SignalSpec, message: Message, mapping: Mapping) -> float | None:
+    if spec.timeout_ms is not None:
+        return spec.timeout_ms / 1000.0
+    if message.cycle_time:
+        cycle = message.cycle_time / 1000.0
+        if message.is_multiplexed() and spec.mux is not None:
+            # Each page comes once per round of pages.
+            pages = {p for s in message.signals for p in (s.multiplexer_ids or ())}
+            cycle *= max(1, len(pages))
+        return cycle * mapping.stale_factor
+    if mapping.default_timeout_ms is not None:
+        return mapping.default_timeout_ms / 1000.0
+    return None
+
+
+def _decimals_for(resolution: float) -> int:
+    """Fewest decimals that represent multiples of ``resolution`` exactly (0.4 -> 1, 0.25 -> 2)."""
+    resolution = abs(resolution)
+    if resolution == 0:
+        return 6
+    for decimals in range(10):
+        if abs(round(resolution, decimals) - resolution) < 1e-9 * max(1.0, resolution):
+            return decimals
+    return 9
+
+
+def _converter(spec: SignalSpec, signal: Signal, where: str) -> Converter:
+    """Precompute the conversion from a raw value to (published value, quality)."""
+    invalid = frozenset(spec.invalid)
+
+    if spec.values is not None:
+        table: dict[Any, Any] = {}
+        choices = signal.choices or {}
+        for key, published in spec.values:
+            if isinstance(key, int):
+                table[key] = published
+                continue
+            raws = [int(raw) for raw, name in choices.items() if str(name) == key]
+            if not raws:
+                known = ", ".join(str(n) for n in choices.values()) or "none"
+                raise ConfigError(f"{where}.values.{key}: not a value of {signal.name} "
+                                  f"(its value table: {known})")
+            for raw in raws:
+                table[raw] = published
+
+        def convert_choice(raw: Any) -> tuple[Any, str]:
+            if raw in invalid:
+                return None, INVALID
+            published = table.get(raw, _NOT_FOUND)
+            if published is _NOT_FOUND:
+                return None, INVALID
+            return published, VALID
+
+        return convert_choice
+
+    factor = signal.scale
+    base = signal.offset
+    lo = signal.minimum
+    hi = signal.maximum
+    if lo == 0 and hi == 0:  # DBC convention for "no range given"
+        lo = hi = None
+    lo = -math.inf if lo is None else lo
+    hi = math.inf if hi is None else hi
+    scale = spec.scale
+    offset = spec.offset
+    if spec.decimals is not None:
+        decimals: int | None = spec.decimals
+    elif signal.is_float:
+        decimals = None
+    else:
+        decimals = _decimals_for(factor * scale)
+    as_int = decimals == 0
+    # Tolerance for float noise at the range edges (raw 250 * 0.4 = 100.00000000000001).
+    slack = abs(factor) * 1e-6
+
+    def convert_number(raw: Any) -> tuple[Any, str]:
+        if raw in invalid:
+            return None, INVALID
+        physical = raw * factor + base
+        if physical != physical or physical < lo - slack or physical > hi + slack:
+            return None, INVALID  # NaN, or outside the DBC's declared range
+        published = physical * scale + offset
+        if published in (math.inf, -math.inf):
+            return None, INVALID
+        if as_int:
+            return int(round(published)), VALID
+        if decimals is not None:
+            return round(published, decimals), VALID
+        return published, VALID
+
+    return convert_number

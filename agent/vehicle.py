@@ -1,0 +1,33 @@
+"""A vehicle definition: config + DBC files + mapping, loaded and cross-checked together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import AgentConfig, load_config
+from .dbc import VehicleDatabase, load_dbcs
+from .decode import Decoder
+from .mapping import load_mapping
+from .signals import Mapping
+
+
+@dataclass(frozen=True)
+class Vehicle:
+    config: AgentConfig
+    database: VehicleDatabase
+    mapping: Mapping
+
+    def decoder(self) -> Decoder:
+        """A fresh decoder (each has its own counters and freshness state)."""
+        return Decoder(self.database, self.mapping)
+
+
+def load_vehicle(config_path: str | Path) -> Vehicle:
+    """Load config, DBCs and mapping; raise ConfigError naming the file and key at fault."""
+    config = load_config(config_path)
+    database = load_dbcs(config.dbc)
+    mapping = load_mapping(config.mapping)
+    vehicle = Vehicle(config, database, mapping)
+    vehicle.decoder()  # binds mapping to DBC: every mapped message/signal must exist
+    return vehicle
