@@ -48,6 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", help="channel name written in the capture (default: can.channel "
                                      "of the config, else vcan0)")
     p.set_defaults(func=cmd_simulate)
+    p = sub.add_parser("run", help="the agent: read the bus (or a capture), sign, send over MQTT")
+    p.add_argument("--config", required=True, type=Path, help="agent config (YAML)")
+    p.add_argument("--drain-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                   help="with a capture source: how long to wait for the outbox to empty "
+                        "after the capture ends (default 30)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("pki", help="development PKI (NOT for production)")
+    pki_sub = p.add_subparsers(dest="pki_command", metavar="SUBCOMMAND", required=True)
+    q = pki_sub.add_parser(
+        "init", help="DEVELOPMENT ONLY: create a CA, broker, vehicle and cloud certificates, "
+                     "signing keys and a JWKS",
+        description="DEVELOPMENT ONLY: creates an unprotected CA and keys on local disk. "
+                    "Production keys belong in an HSM/TPM-backed PKI.")
+    q.add_argument("directory", type=Path)
+    q.add_argument("--vehicle", action="append", required=True, metavar="VIN",
+                   help="vehicle id (certificate CN); repeat for several")
+    q.add_argument("--days", type=int, default=365, help="certificate validity (default 365)")
+    q.set_defaults(func=cmd_pki_init)
+
+    p = sub.add_parser("watch", help="cloud side: subscribe, verify signatures, print state")
+    p.add_argument("--config", required=True, type=Path,
+                   help="cloud config (YAML: mqtt {host, port, ca, cert, key}, trust)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--count", type=int, help="exit after this many verified messages")
+    p.add_argument("--duration", type=_positive_float, help="exit after this many seconds")
+    p.set_defaults(func=cmd_watch)
     return parser
 
 
@@ -132,6 +159,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{frames / args.duration:.0f} frames/s, seed {args.seed}) to {args.out}",
           file=sys.stderr)
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run
+
+    result = run(args.config, args.drain_timeout)
+    print(f"car-agent run: {result.message}", file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_pki_init(args: argparse.Namespace) -> int:
+    from .pki import init_pki
+
+    result = init_pki(args.directory, args.vehicle, days=args.days)
+    created = result.get("created", [])
+    print(f"pki: {args.directory}: {len(created)} file(s) created "
+          f"(DEVELOPMENT ONLY: keys are unprotected files)", file=sys.stderr)
+    for path in created:
+        print(f"  {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .cloud import watch_main
+
+    return watch_main(args.config, json_lines=args.json, count=args.count,
+                      duration=args.duration)
 
 
 def main(argv: list[str] | None = None) -> int:

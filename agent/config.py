@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
-from .schema import Section, load_yaml
+from .policy import PolicyConfig
+from .schema import Section, describe, load_yaml
 
 #: Vehicle ids end up in MQTT topics and certificate CNs: no wildcards, separators or spaces.
 VEHICLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -77,6 +78,7 @@ class AgentConfig:
     mqtt: MqttConfig | None = None
     store: StoreConfig | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def require(self, *sections: str) -> None:
         """Fail with one line if a section a command needs is absent."""
@@ -85,7 +87,8 @@ class AgentConfig:
                 raise ConfigError(f"{self.file}: {name}: missing (this command needs it)")
 
 
-TOP_KEYS = ("vehicle_id", "can", "dbc", "mapping", "signing", "mqtt", "store", "logging")
+TOP_KEYS = ("vehicle_id", "can", "dbc", "mapping", "signing", "mqtt", "store", "policy",
+            "logging")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -118,6 +121,7 @@ def load_config(path: str | Path) -> AgentConfig:
         mqtt=_mqtt(top.section("mqtt")),
         store=_store(top.section("store")),
         logging=_logging(top.section("logging")),
+        policy=_policy(top.section("policy")),
     )
 
 
@@ -204,3 +208,35 @@ def _logging(s: Section | None) -> LoggingConfig:
     if level not in LOG_LEVELS:
         raise s.error("level", f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
     return LoggingConfig(level=level)
+
+
+def _policy(s: Section | None) -> PolicyConfig:
+    default = PolicyConfig()
+    if s is None:
+        return default
+    s.reject_unknown(("immediate", "deadband", "min_interval_s", "snapshot_min_interval_s",
+                      "heartbeat_s", "max_messages_per_s", "max_pending_batches"))
+    immediate = default.immediate
+    if s.has("immediate"):
+        raw = s.data["immediate"]
+        if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
+            raise s.error("immediate", f"expected a list of VSS path patterns, got {describe(raw)}")
+        immediate = tuple(raw)
+    deadband = default.deadband
+    bands = s.section("deadband")
+    if bands is not None:
+        deadband = tuple((str(pattern), float(bands.number(str(pattern), minimum=0.0)))
+                         for pattern in bands.data)
+    heartbeat = s.number("heartbeat_s", default.heartbeat_s, minimum=1.0)
+    return PolicyConfig(
+        immediate=immediate,
+        deadband=deadband,
+        min_interval_s=float(s.number("min_interval_s", default.min_interval_s, minimum=0.0)),
+        snapshot_min_interval_s=float(s.number("snapshot_min_interval_s",
+                                               default.snapshot_min_interval_s, minimum=0.0)),
+        heartbeat_s=float(heartbeat),
+        max_messages_per_s=float(s.number("max_messages_per_s", default.max_messages_per_s,
+                                          minimum=0.1)),
+        max_pending_batches=s.integer("max_pending_batches", default.max_pending_batches,
+                                      minimum=1, maximum=1_000_000),
+    )

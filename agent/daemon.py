@@ -1,0 +1,146 @@
+"""``car-agent run``: source -> decode -> state -> policy -> signed envelope -> outbox -> MQTT.
+
+The main loop is single-threaded and plain: receive a frame (or time out), turn it into
+changes, let the policy decide what to sign, commit signed envelopes to the outbox. The uplink
+thread drains the outbox. SIGTERM/SIGINT stop reading, flush what the policy holds, wait for
+the outbox to drain (bounded), publish ``offline`` and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from .envelope import Envelopes
+from .outbox import Outbox
+from .policy import Outgoing, PublishPolicy
+from .signing import Signer
+from .source import FrameSource, open_source
+from .state import SignalPipeline
+from .uplink import Uplink
+from .vehicle import load_vehicle
+
+log = logging.getLogger("car_agent.daemon")
+
+RECV_TIMEOUT_S = 0.05
+STATS_INTERVAL_S = 60.0
+SHUTDOWN_DRAIN_S = 5.0
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    queued: int
+    message: str
+
+
+class Agent:
+    """The running pipeline; built from a config file, driven by :meth:`run`."""
+
+    def __init__(self, config_path, drain_timeout: float = 30.0) -> None:
+        vehicle = load_vehicle(config_path)
+        config = vehicle.config
+        config.require("can", "signing", "mqtt", "store")
+        self.vehicle = vehicle
+        self.config = config
+        self.drain_timeout = drain_timeout
+        self.signer = Signer.from_file(config.signing.key)
+        self.decoder = vehicle.decoder()
+        self.pipeline = SignalPipeline(self.decoder)
+        self.policy = PublishPolicy(self.decoder.paths, config.policy)
+        self.outbox = Outbox(config.store.path, max_bytes=config.store.max_bytes,
+                             max_age_s=config.store.max_age_s)
+        self.envelopes = Envelopes(self.signer, config.vehicle_id, self.outbox.boot)
+        self.uplink = Uplink(config.mqtt, config.vehicle_id, self.outbox)
+        self.stop_requested = threading.Event()
+        self.source: FrameSource | None = None
+
+    def request_stop(self, *_: object) -> None:
+        self.stop_requested.set()
+
+    def _commit(self, outgoing: list[Outgoing], now: float) -> None:
+        topics = self.uplink.topics
+        for item in outgoing:
+            if item.kind == "event":
+                self.outbox.add(topics["events"], "event", self.envelopes.event(item.changes))
+            else:
+                self.outbox.add(topics["state"], "state",
+                                self.envelopes.state(self.pipeline.state, now), retain=True)
+        if outgoing:
+            self.uplink.wake()
+
+    def run(self) -> RunResult:
+        config = self.config
+        log.info("car-agent: vehicle %s, boot %d, %d signals from %d frame id(s), outbox %s "
+                 "(%d queued)", config.vehicle_id, self.outbox.boot, len(self.decoder.paths),
+                 len(self.decoder.frame_keys), config.store.path, len(self.outbox))
+        self.source = source = open_source(config.can, self.decoder.can_filters())
+        self.uplink.start()
+        pipeline, policy = self.pipeline, self.policy
+        next_stats = time.monotonic() + STATS_INTERVAL_S
+        try:
+            while not self.stop_requested.is_set():
+                msg = source.recv(RECV_TIMEOUT_S)
+                if msg is not None:
+                    changes = pipeline.feed(msg)
+                else:
+                    if source.finished:
+                        break
+                    changes = pipeline.tick(source.now())
+                if changes:
+                    policy.observe(changes)
+                now = source.now()
+                outgoing = policy.due(now)
+                if outgoing:
+                    self._commit(outgoing, now)
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + STATS_INTERVAL_S
+                    log.info("stats: %s; uplink %s", self._stats_line(), self.uplink.status_line())
+            # Capture finished or stop requested: what the policy holds goes out now.
+            self._commit(policy.flush(source.now()), source.now())
+            capture = config.can.capture is not None
+            timeout = self.drain_timeout if capture and not self.stop_requested.is_set() \
+                else SHUTDOWN_DRAIN_S
+            drained = self.uplink.wait_drained(timeout)
+            queued = len(self.outbox)
+            summary = source.summary()
+            if summary:
+                log.info("%s", summary)
+            log.info("stats: %s; uplink %s", self._stats_line(), self.uplink.status_line())
+            if capture and not drained and not self.stop_requested.is_set():
+                reason = f" (last error: {self.uplink.last_error})" if self.uplink.last_error else ""
+                return RunResult(1, queued, f"could not deliver within {timeout:g} s: "
+                                            f"{queued} message(s) stay queued in "
+                                            f"{config.store.path} and are sent on the next "
+                                            f"start{reason}")
+            if queued:
+                return RunResult(0, queued, f"stopped with {queued} message(s) queued in "
+                                            f"{config.store.path}; they are sent on the next start")
+            return RunResult(0, 0, "stopped; outbox empty")
+        finally:
+            self.uplink.stop()
+            source.close()
+            self.outbox.close()
+
+    def _stats_line(self) -> str:
+        c = self.decoder.counters
+        p = self.policy.counters
+        o = self.outbox.stats()
+        return (f"{c.frames} frames, {c.decoded} decoded, {c.error_frames} error frames, "
+                f"{c.wrong_length} wrong length; {p.events} events, {p.snapshots} snapshots "
+                f"signed; outbox {o.queued} queued ({o.queued_bytes} B), {o.dropped_full} "
+                f"dropped (full), {o.dropped_age} dropped (age)")
+
+
+def run(config_path, drain_timeout: float = 30.0) -> RunResult:
+    agent = Agent(config_path, drain_timeout)
+    previous = {sig: signal.signal(sig, agent.request_stop)
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return agent.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,168 @@
+"""When to sign and send: events for changes that matter, snapshots of everything, a rate cap.
+
+- Signals matching ``immediate`` (doors, locks, lids, windows by default) go out as events at once.
+- Numeric signals go out when they moved at least their deadband from the last value sent, and
+  at most once per ``min_interval_s`` each (the latest value is held until then).
+- Quality changes (valid/invalid/stale) always go out.
+- A full snapshot (``state``) follows significant changes at most every
+  ``snapshot_min_interval_s``, and goes out every ``heartbeat_s`` regardless.
+- At most ``max_messages_per_s`` signed messages per second (token bucket). Changes arriving
+  while no token is free are batched into one event message — a signal changing twice starts a
+  new batch, so no intermediate state is dropped. Beyond ``max_pending_batches`` the newest
+  batch absorbs further changes (counted in ``coalesced``), which bounds memory under a flood.
+
+Time is the source's clock (a replayed capture behaves like the drive it recorded).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import deque
+from dataclasses import dataclass, field
+
+from .signals import VALID, Change
+
+DEFAULT_IMMEDIATE = ("*.IsOpen", "*.IsLocked", "*.Window.Position", "*.IsFuelLevelLow",
+                     "Vehicle.Cabin.Sunroof.Position")
+DEFAULT_DEADBANDS = (
+    ("Vehicle.Powertrain.FuelSystem.RelativeLevel", 1.0),    # %
+    ("Vehicle.Powertrain.FuelSystem.AbsoluteLevel", 1.0),    # l
+    ("Vehicle.Powertrain.FuelSystem.Range", 1000.0),         # m
+    ("Vehicle.Exterior.AirTemperature", 0.5),                # degC
+)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    immediate: tuple[str, ...] = DEFAULT_IMMEDIATE
+    deadband: tuple[tuple[str, float], ...] = DEFAULT_DEADBANDS
+    min_interval_s: float = 10.0
+    snapshot_min_interval_s: float = 5.0
+    heartbeat_s: float = 60.0
+    max_messages_per_s: float = 5.0
+    max_pending_batches: int = 1000
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message the policy wants signed: an event batch, or a full-state snapshot."""
+
+    kind: str                                   # "event" or "state"
+    changes: tuple[Change, ...] = ()            # for events
+
+
+@dataclass
+class PolicyCounters:
+    events: int = 0
+    snapshots: int = 0
+    coalesced: int = 0
+    held: int = field(default=0)
+
+
+class PublishPolicy:
+    def __init__(self, paths: tuple[str, ...], config: PolicyConfig) -> None:
+        self.config = config
+        self.index = {path: i for i, path in enumerate(paths)}
+        self.immediate = [any(fnmatch.fnmatchcase(p, pat) for pat in config.immediate)
+                          for p in paths]
+        self.deadband = [next((band for pat, band in config.deadband
+                               if fnmatch.fnmatchcase(p, pat)), 0.0) for p in paths]
+        n = len(paths)
+        self.sent_value: list = [None] * n
+        self.sent_quality: list[str | None] = [None] * n
+        self.sent_t: list[float] = [float("-inf")] * n
+        self.held: dict[int, Change] = {}
+        self.batches: deque[dict[int, Change]] = deque()
+        self.significant = False
+        self.last_snapshot: float | None = None
+        self.tokens = max(1.0, config.max_messages_per_s)
+        self.last_refill: float | None = None
+        self.counters = PolicyCounters()
+
+    # -- input ------------------------------------------------------------------------------
+    def observe(self, changes: list[Change]) -> None:
+        for change in changes:
+            i = self.index[change.path]
+            quality = change.quality
+            if quality != VALID or self.sent_quality[i] != VALID or self.immediate[i] \
+                    or not isinstance(change.value, (int, float)) \
+                    or not isinstance(self.sent_value[i], (int, float)):
+                if change.value == self.sent_value[i] and quality == self.sent_quality[i] \
+                        and type(change.value) is type(self.sent_value[i]):
+                    self.held.pop(i, None)
+                    continue
+                self._enqueue(i, change)
+                continue
+            moved = abs(change.value - self.sent_value[i])
+            band = self.deadband[i]
+            if (band > 0 and moved >= band) or (band <= 0 and moved > 0):
+                if change.t - self.sent_t[i] >= self.config.min_interval_s:
+                    self._enqueue(i, change)
+                else:
+                    self.held[i] = change
+                    self.counters.held += 1
+            else:
+                self.held.pop(i, None)   # back within the deadband of what was sent
+
+    def _enqueue(self, i: int, change: Change) -> None:
+        batches = self.batches
+        last = batches[-1] if batches else None
+        if last is None or i in last:
+            if last is not None and len(batches) >= self.config.max_pending_batches:
+                last[i] = change
+                self.counters.coalesced += 1
+            else:
+                batches.append({i: change})
+        else:
+            last[i] = change
+        self.sent_value[i] = change.value
+        self.sent_quality[i] = change.quality
+        self.sent_t[i] = change.t
+        self.held.pop(i, None)
+        self.significant = True
+
+    # -- output -----------------------------------------------------------------------------
+    def due(self, now: float) -> list[Outgoing]:
+        """What to sign now; call regularly (every loop iteration)."""
+        config = self.config
+        if self.held:
+            for i, change in list(self.held.items()):
+                if now - self.sent_t[i] >= config.min_interval_s:
+                    self._enqueue(i, change)
+        if self.last_refill is None:
+            self.last_refill = now
+            self.last_snapshot = now   # first snapshot once the state has filled
+        elif now > self.last_refill:
+            self.tokens = min(max(1.0, config.max_messages_per_s),
+                              self.tokens + (now - self.last_refill) * config.max_messages_per_s)
+            self.last_refill = now
+        out: list[Outgoing] = []
+        while self.batches and self.tokens >= 1.0:
+            out.append(self._event(self.batches.popleft()))
+            self.tokens -= 1.0
+        since = now - self.last_snapshot
+        wanted = since >= config.heartbeat_s or (
+            self.significant and since >= config.snapshot_min_interval_s)
+        if wanted and self.tokens >= 1.0:
+            out.append(self._snapshot(now))
+            self.tokens -= 1.0
+        return out
+
+    def flush(self, now: float) -> list[Outgoing]:
+        """Everything still pending, ignoring the rate cap, and a final snapshot (shutdown)."""
+        for i, change in list(self.held.items()):
+            self._enqueue(i, change)
+        out = [self._event(batch) for batch in self.batches]
+        self.batches.clear()
+        out.append(self._snapshot(now))
+        return out
+
+    def _event(self, batch: dict[int, Change]) -> Outgoing:
+        self.counters.events += 1
+        return Outgoing("event", tuple(batch.values()))
+
+    def _snapshot(self, now: float) -> Outgoing:
+        self.counters.snapshots += 1
+        self.last_snapshot = now
+        self.significant = False
+        return Outgoing("state")
