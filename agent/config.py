@@ -225,7 +225,10 @@ def _policy(s: Section | None) -> PolicyConfig:
     deadband = default.deadband
     bands = s.section("deadband")
     if bands is not None:
-        deadband = tuple((str(pattern), float(bands.number(str(pattern), minimum=0.0)))
+        for pattern in bands.data:
+            if not isinstance(pattern, str):
+                raise bands.error(str(pattern), "expected a VSS path pattern as key")
+        deadband = tuple((pattern, float(bands.number(pattern, minimum=0.0, required=True)))
                          for pattern in bands.data)
     heartbeat = s.number("heartbeat_s", default.heartbeat_s, minimum=1.0)
     return PolicyConfig(

@@ -85,19 +85,34 @@ def _load_one(path: Path, warnings: list[str]) -> cantools.database.Database:
         warnings.append(f"{path}: numbers written without a leading zero (like .25) were read "
                         "as 0.25")
     try:
-        return _parse(fixed, strict=True)
-    except ConfigError:
-        raise
+        db = _parse(fixed, strict=True)
+        _check_complete(path, fixed, db)
+        return db
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - cantools raises many types; all mean "bad DBC"
         strict_error = _message(exc)
         if _SYNTAX.search(str(exc)):
             raise ConfigError(f"{path}:{_syntax_location(exc)}") from None
     try:
         db = _parse(fixed, strict=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"{path}: not a usable DBC file: {_message(exc)}") from None
+    _check_complete(path, fixed, db)
     warnings.append(f"{path}: loaded without cantools' strict checks ({strict_error})")
     return db
+
+
+def _check_complete(path: Path, text: str, db: cantools.database.Database) -> None:
+    """cantools silently ignores an incomplete last statement: a truncated file must not pass."""
+    declared = len(re.findall(r"^\s*BO_ ", text, re.M))
+    signals = len(re.findall(r"^\s*SG_ ", text, re.M))
+    read_signals = sum(len(m.signals) for m in db.messages)
+    if declared != len(db.messages) or signals != read_signals:
+        raise ConfigError(f"looks truncated or damaged: {declared} messages and {signals} "
+                          f"signals declared, {len(db.messages)} and {read_signals} read")
 
 
 def _parse(text: str, strict: bool) -> cantools.database.Database:
@@ -112,6 +127,7 @@ def _syntax_location(exc: Exception) -> str:
     match = _SYNTAX.search(str(exc))
     line, column, context = match.group(1), match.group(2), match.group(3)
     context = context.replace(">>!<<", "").strip()[:80]
+    context = "".join(c if c.isprintable() else "?" for c in context)
     return f"{line}:{column}: DBC syntax error in: {context}"
 
 

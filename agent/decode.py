@@ -113,12 +113,17 @@ class Decoder:
                 else:
                     plan.mux_feeds[mux_value] = feed
             self.feed_signals[feed].append(index)
-            timeout = _timeout_s(spec, message, mapping)
+            timeout = _timeout_s(spec, message, mapping, mux_value)
             current = self.feed_timeouts[feed]
             if timeout is not None and (current is None or timeout < current):
                 self.feed_timeouts[feed] = timeout
             plan.targets.append((index, signal.name, mux_value, _converter(spec, signal, where)))
 
+        self._feed_plans: dict[int, _Plan] = {}
+        for key, plan in self._plans.items():
+            plan.decode = _bound_decoder(vdb.by_key[key], plan)
+            if plan.feed >= 0:
+                self._feed_plans[plan.feed] = plan
         self.feed_seen: list[float | None] = [None] * len(self.feed_timeouts)
         self._started: float | None = None
         self._expired: list[bool] = [False] * len(self.feed_timeouts)
@@ -167,15 +172,16 @@ class Decoder:
             if data == plan.last_data:
                 counters.unchanged += 1
                 return _NO_UPDATES
+        payload = bytes(data)   # also a private copy: the source may reuse its buffer
         try:
-            raw = plan.decode(bytes(data), False, False)
+            raw = plan.decode(payload, False, False)
         except Exception:  # noqa: BLE001 - cantools' decode errors vary; a bad frame is skipped
             counters.undecodable += 1
             return _NO_UPDATES
         counters.decoded += 1
         updates = []
         if plan.mux_signal is None:
-            plan.last_data = data
+            plan.last_data = payload
             for index, name, _mux, convert in plan.targets:
                 value = raw.get(name, _NOT_FOUND)
                 if value is not _NOT_FOUND:
@@ -215,6 +221,10 @@ class Decoder:
                 if not self._expired[feed]:
                     self._expired[feed] = True
                     out.extend(self.feed_signals[feed])
+                    plan = self._feed_plans.get(feed)
+                    if plan is not None:
+                        # The same payload resuming after a silence must be decoded again.
+                        plan.last_data = None
             elif self._expired[feed]:
                 self._expired[feed] = False
         return out
@@ -228,6 +238,24 @@ class Decoder:
             paths = ", ".join(self.paths[i] for i in self.feed_signals[feed])
             lines.append(f"{name} ({shown}): {paths}")
         return lines
+
+
+def _bound_decoder(message: Message, plan: _Plan) -> Callable:
+    """The bound decoder of a message; for a message cantools cannot decode as a whole
+    (overlapping signals in real DBCs, loaded non-strictly), one over just the mapped signals."""
+    try:
+        message.decode_simple(bytes(message.length), False, False)
+        return message.decode_simple
+    except Exception:  # noqa: BLE001 - any failure means "decode the mapped signals only"
+        pass
+    wanted = {name for _, name, _, _ in plan.targets}
+    if plan.mux_signal is not None:
+        wanted.add(plan.mux_signal)
+    reduced = Message(frame_id=message.frame_id, name=message.name, length=message.length,
+                      signals=[s for s in message.signals if s.name in wanted],
+                      is_extended_frame=message.is_extended_frame, is_fd=message.is_fd,
+                      strict=False)
+    return reduced.decode_simple
 
 
 def _mux_value(spec: SignalSpec, message: Message, signal: Signal, where: str) -> int | None:
@@ -259,12 +287,13 @@ def _mux_value(spec: SignalSpec, message: Message, signal: Signal, where: str) -
     return value
 
 
-def _timeout_s(spec: SignalSpec, message: Message, mapping: Mapping) -> float | None:
+def _timeout_s(spec: SignalSpec, message: Message, mapping: Mapping,
+               mux_value: int | None) -> float | None:
     if spec.timeout_ms is not None:
         return spec.timeout_ms / 1000.0
     if message.cycle_time:
         cycle = message.cycle_time / 1000.0
-        if message.is_multiplexed() and spec.mux is not None:
+        if mux_value is not None:
             # Each page comes once per round of pages.
             pages = {p for s in message.signals for p in (s.multiplexer_ids or ())}
             cycle *= max(1, len(pages))

@@ -110,9 +110,8 @@ class Section:
         allowed = list(allowed)
         for key in self.data:
             if key not in allowed:
-                raise self.error(
-                    str(key), f"unknown key (expected one of: {', '.join(allowed)})"
-                )
+                shown = str(key) if str(key).isprintable() else repr(str(key))
+                raise self.error(shown, f"unknown key (expected one of: {', '.join(allowed)})")
 
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None

@@ -131,7 +131,9 @@ class _Sender:
                 raw[sig.name] = _wave(sig, t, *self.waves[sig.name])
         self.counter += 1
         data = bytearray(msg.encode(raw, scaling=False, strict=False, padding=False))
-        if checksum is not None and checksum.length == 8 and checksum.start % 8 in (0, 7):
+        byte_aligned = checksum is not None and checksum.length == 8 and (
+            checksum.start % 8 == (0 if checksum.byte_order == "little_endian" else 7))
+        if byte_aligned:
             byte = checksum.start // 8
             data[byte] = (sum(data[:byte]) + sum(data[byte + 1:]) + (msg.frame_id & 0xFF)) & 0xFF
         return bytes(data)
@@ -203,7 +205,7 @@ def generate(vehicle: Vehicle, duration: float, seed: int = 1,
     for n, ident in enumerate(filler_ids):
         heapq.heappush(heap, (rng.uniform(0, FILLER_CYCLE_S), len(senders) + n))
 
-    last_t = -1.0
+    last_t = 0.0
     cache_t = -1.0
     current: dict[str, Any] = {}
     while heap:
@@ -214,12 +216,12 @@ def generate(vehicle: Vehicle, duration: float, seed: int = 1,
             current = values(t, duration)
             cache_t = t
         jitter = rng.uniform(0, 0.0002)
-        stamp = max(last_t + 1e-6, t + jitter)
+        stamp = max(last_t + 1e-6, round(EPOCH + t + jitter, 6))   # strictly increasing, in µs
         last_t = stamp
         if n < len(senders):
             sender = senders[n]
             msg = sender.message
-            yield can.Message(timestamp=round(EPOCH + stamp, 6), arbitration_id=msg.frame_id,
+            yield can.Message(timestamp=round(stamp, 6), arbitration_id=msg.frame_id,
                               is_extended_id=msg.is_extended_frame, is_fd=msg.is_fd,
                               data=sender.payload(t, current), channel=channel)
             heapq.heappush(heap, (t + sender.cycle, n))
@@ -229,7 +231,7 @@ def generate(vehicle: Vehicle, duration: float, seed: int = 1,
             data[7] = (data[7] + 1) & 0xFF              # a rolling counter, like real ECUs
             if rng.random() < 0.05:
                 data[rng.randrange(7)] = rng.randrange(256)
-            yield can.Message(timestamp=round(EPOCH + stamp, 6), arbitration_id=ident,
+            yield can.Message(timestamp=round(stamp, 6), arbitration_id=ident,
                               is_extended_id=False, data=bytes(data), channel=channel)
             heapq.heappush(heap, (t + FILLER_CYCLE_S, n))
 

@@ -64,9 +64,12 @@ def parse_fields(parts: list[str]) -> can.Message:
     can_id = int(ident, 16)
     extended = len(ident) == 8
     if extended and can_id & CAN_ERR_FLAG:
+        # The payload holds the error details (linux/can/error.h); keep it.
+        if len(payload) % 2 or len(payload) > 16 or not _HEX.issuperset(payload):
+            raise ValueError("bad error frame data")
         return can.Message(timestamp=timestamp, channel=parts[1], is_error_frame=True,
-                           arbitration_id=can_id & 0x1FFFFFFF, dlc=0)
-    if can_id > 0x1FFFFFFF:
+                           arbitration_id=can_id & 0x1FFFFFFF, data=bytes.fromhex(payload))
+    if can_id > (0x1FFFFFFF if extended else 0x7FF):
         raise ValueError("bad frame id")
     is_fd = False
     brs = esi = False

@@ -8,6 +8,7 @@ copy of the reader (header state kept) on the rest of the file, so one bad line 
 from __future__ import annotations
 
 import copy
+import os
 from typing import IO, Iterator
 
 import can
@@ -75,7 +76,9 @@ class PythonCanReader(CaptureReader):
     def _text(self) -> Iterator[can.Message]:
         lines = _CountingLines(self.handle)
         try:
-            reader = _READERS[self.format](lines)
+            # Absolute timestamps (from the ASC header's date) like candump's, not from 0.
+            kwargs = {"relative_timestamp": False} if self.format == "asc" else {}
+            reader = _READERS[self.format](lines, **kwargs)
         except Exception as exc:  # noqa: BLE001
             self.error = f"not a readable {self.format.upper()} file ({exc})"
             return
@@ -86,6 +89,10 @@ class PythonCanReader(CaptureReader):
             except StopIteration:
                 return
             except Exception as exc:  # noqa: BLE001 - python-can raises ValueError, IndexError...
+                if self.frames == 0 and self.malformed == 0 and str(exc).startswith("File has no"):
+                    # A header problem (TRC without $STARTTIME/$COLUMNS): nothing after it parses.
+                    self.error = f"not a readable {self.format.upper()} file ({exc})"
+                    return
                 self._bad(lines.number, type(exc).__name__ if not str(exc) else str(exc)[:60])
                 resumed = copy.copy(reader)
                 resumed._extract_header = lambda: None  # the header was read already
@@ -94,8 +101,16 @@ class PythonCanReader(CaptureReader):
             yield msg
 
     def _blf(self) -> Iterator[can.Message]:
+        compressed = self.path.name.lower().endswith(".gz")
+        actual = None if compressed else os.fstat(self.handle.fileno()).st_size
         try:
             reader = can.BLFReader(self.handle)
             yield from reader
+            # python-can stops quietly at a truncated file; the header knows the real size.
+            expected = getattr(reader, "file_size", None)
+            if actual is not None and expected:
+                if actual < expected:
+                    self.error = (f"BLF file truncated ({actual} of {expected} bytes) after "
+                                  f"{self.frames} frame(s)")
         except Exception as exc:  # noqa: BLE001 - a truncated/corrupt binary file cannot resume
             self.error = f"BLF data unreadable after {self.frames} frame(s): {str(exc)[:80]}"
