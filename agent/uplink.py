@@ -27,60 +27,13 @@ from cryptography import x509
 from .config import MqttConfig
 from .errors import KeyFileError
 from .outbox import Outbox
+from .tlsdiag import ClosingSSLSocket, describe_connect_error, describe_tls_alert, probe_tls12
 
 log = logging.getLogger("car_agent.uplink")
 
 #: A refused entry (PUBACK failure) is retried after this long, not in a hot loop.
 FAILED_RETRY_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
-
-_TLS_ALERTS = (
-    ("TLSV1_ALERT_UNKNOWN_CA", "the broker refused our client certificate: it was issued by a "
-                               "CA the broker does not trust (check mqtt.cert)"),
-    ("CERTIFICATE_EXPIRED", "the broker refused our client certificate: it has expired"),
-    ("CERTIFICATE_REVOKED", "the broker refused our client certificate: it has been revoked"),
-    ("CERTIFICATE_REQUIRED", "the broker requires a client certificate and got none"),
-    ("UNSUPPORTED_CERTIFICATE", "the broker refused our client certificate as unsuitable "
-                                "(key usage / extended key usage must allow clientAuth)"),
-    ("BAD_CERTIFICATE", "the broker refused our client certificate (bad certificate)"),
-    ("HANDSHAKE_FAILURE", "TLS handshake failure (no protocol version or cipher in common)"),
-    ("PROTOCOL_VERSION", "TLS protocol version refused (check mqtt.tls_version)"),
-    ("WRONG_VERSION_NUMBER", "the port does not speak TLS (is it a plain MQTT listener?)"),
-)
-
-
-def explain_tls_text(text: str) -> str | None:
-    upper = text.upper()
-    for marker, meaning in _TLS_ALERTS:
-        if marker in upper:
-            return meaning
-    return None
-
-
-def explain_connect_error(exc: BaseException, host: str, port: int) -> str:
-    """One line saying why a connection attempt failed, for a person to act on."""
-    where = f"{host}:{port}"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        detail = exc.verify_message or str(exc)
-        if "mismatch" in detail.lower():
-            return f"broker {where}: its certificate does not match the host name ({detail}); " \
-                   "check mqtt.host"
-        if "expired" in detail.lower():
-            return f"broker {where}: its certificate has expired"
-        return f"broker {where}: its certificate is not trusted ({detail}); check mqtt.ca"
-    if isinstance(exc, ssl.CertificateError):
-        return f"broker {where}: certificate problem: {exc}"
-    if isinstance(exc, ssl.SSLError):
-        meaning = explain_tls_text(str(exc))
-        return f"broker {where}: {meaning or 'TLS error: ' + str(exc)}"
-    if isinstance(exc, ConnectionRefusedError):
-        return f"broker {where}: connection refused (is the broker running on that port?)"
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return f"broker {where}: {type(exc).__name__}: {exc}"
-    if isinstance(exc, OSError):
-        return f"broker {where}: {exc.strerror or exc}"
-    return f"broker {where}: {type(exc).__name__}: {exc}"
-
 
 def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
     """Client TLS: verify the broker (CA + host name, always), present our certificate."""
@@ -91,6 +44,7 @@ def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)   # check_hostname + CERT_REQUIRED
     context.minimum_version = (ssl.TLSVersion.TLSv1_3 if config.tls_version == "1.3"
                                else ssl.TLSVersion.TLSv1_2)
+    context.sslsocket_class = ClosingSSLSocket   # paho leaks the socket of a failed handshake
     try:
         context.load_verify_locations(cafile=str(config.ca))
     except (ssl.SSLError, OSError) as exc:
@@ -193,6 +147,7 @@ class Uplink:
 
     # -- the network thread -----------------------------------------------------------------
     _want_offline = False
+    _connack_seen = False
 
     def _run(self) -> None:
         delay = self.config.reconnect_min_s
@@ -231,12 +186,13 @@ class Uplink:
 
     def _connect(self, client: mqtt.Client) -> bool:
         self._tls_hint = None
+        self._connack_seen = False
         try:
             client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s,
                            clean_start=True)
             return True
         except Exception as exc:  # noqa: BLE001 - every failure is explained, none is fatal
-            self._failed(explain_connect_error(exc, self.config.host, self.config.port))
+            self._failed(describe_connect_error(exc, self.config.host, self.config.port))
             try:
                 client.disconnect()
             except Exception:  # noqa: BLE001
@@ -278,6 +234,7 @@ class Uplink:
 
     # -- paho callbacks (run in this thread, inside client.loop) ----------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connack_seen = True
         if reason_code.is_failure:
             self._failed(f"broker {self.config.host}:{self.config.port} refused the connection: "
                          f"{reason_code}")
@@ -298,8 +255,15 @@ class Uplink:
         if self._stop.is_set():
             return
         hint = self._tls_hint
+        if hint is None and not self._connack_seen:
+            # Closed before CONNACK without a TLS alert in the log (TLS 1.3 loses it often):
+            # ask again with TLS 1.2, where the broker's alert is raised in the handshake.
+            hint = probe_tls12(build_tls_context(self.config), self.config.host,
+                               self.config.port) or (
+                f"connection to {self.config.host}:{self.config.port} closed before the "
+                "broker accepted it")
         if hint is not None:
-            self._failed(f"broker {self.config.host}:{self.config.port}: {hint}")
+            self._failed(hint)
         elif was:
             log.warning("uplink: connection lost (%s); %d message(s) queued", reason_code,
                         len(self.outbox))
@@ -326,8 +290,8 @@ class Uplink:
         self.counters.acknowledged += 1
 
     def _on_log(self, client, userdata, level, text) -> None:
-        if level == mqtt.MQTT_LOG_ERR or "alert" in text.lower():
-            hint = explain_tls_text(text)
+        if level == mqtt.MQTT_LOG_ERR:
+            hint = describe_tls_alert(text)
             if hint is not None:
                 self._tls_hint = hint
 
