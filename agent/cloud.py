@@ -640,15 +640,13 @@ def format_human(record: dict[str, Any]) -> str:
         retained = " (retained)" if record.get("retained") else ""
         return f"{record['vid']} status {_printable(str(record['status']), 100)}{retained}"
     quality = record.get("quality") or {}
-    shown = [f"{path}={_value_text(value)}" for path, value in record["signals"].items()
-             if path not in quality and value is not None]
+    shown = [f"{path}={_value_text(value) if path not in quality else quality[path]}"
+             for path, value in record["signals"].items()]
     parts = [
         f"{record['vid']} {record['kind']} seq={record['seq']} boot={record['boot']} "
         f"{_ts_text(record['ts'])}",
     ]
-    parts.append(" ".join(shown) if shown else "(no valid signals)")
-    if quality:
-        parts.append(f"({len(quality)} invalid/stale)")
+    parts.append(" ".join(shown) if shown else "(no signals)")
     if record.get("retained"):
         parts.append("(retained)")
     return _printable("  ".join(parts), 4000)
