@@ -55,6 +55,42 @@ def build_parser() -> argparse.ArgumentParser:
                         "after the capture ends (default 30)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("replay", help="play a capture onto a CAN bus (SocketCAN vcan by default)")
+    p.add_argument("capture", type=Path, help="candump -L .log, .asc, .blf, .trc (.gz too)")
+    p.add_argument("--channel", default="vcan0", help="target channel (default vcan0)")
+    p.add_argument("--interface", default="socketcan",
+                   help="python-can interface (default socketcan)")
+    p.add_argument("--format", choices=("candump", "asc", "blf", "trc"),
+                   help="capture format (default: from the file extension)")
+    p.add_argument("--speed", type=_positive_float, default=1.0,
+                   help="timing scale: 2 plays twice as fast (default 1)")
+    p.add_argument("--no-timing", action="store_true",
+                   help="send as fast as the bus takes frames")
+    p.add_argument("--loop", type=int, default=1, metavar="N", help="play N times (default 1)")
+    p.add_argument("--ids", help="only these frame ids, e.g. 0x123,0x2FC")
+    p.add_argument("--start", type=float, metavar="S",
+                   help="skip the capture's first S seconds")
+    p.add_argument("--end", type=float, metavar="S",
+                   help="stop at S seconds into the capture")
+    p.add_argument("--map", action="append", default=[], metavar="SRC=DST",
+                   help="send frames of capture channel SRC to bus channel DST (repeatable); "
+                        "with --map, frames of unmapped channels are skipped")
+    p.add_argument("--no-fd", action="store_true",
+                   help="open the bus without CAN FD (for interfaces that reject fd=True)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    faults = p.add_argument_group("fault injection (for tests)")
+    faults.add_argument("--drop", type=float, default=0.0, metavar="FRACTION",
+                        help="drop this fraction (0..1) of the frames at random")
+    faults.add_argument("--jitter", type=float, default=0.0, metavar="MS",
+                        help="move each frame by up to +-MS milliseconds")
+    faults.add_argument("--gap", action="append", default=[], metavar="ID:START:DURATION",
+                        help="withhold frame id ID from capture second START for DURATION s "
+                             "(repeatable)")
+    faults.add_argument("--flood", metavar="RATE[:START:DURATION]",
+                        help="inject RATE frames/s of random unrelated ids (0x700-0x7EF)")
+    faults.add_argument("--seed", type=int, default=1, help="random seed for the faults")
+    p.set_defaults(func=cmd_replay)
+
     p = sub.add_parser("pki", help="development PKI (NOT for production)")
     pki_sub = p.add_subparsers(dest="pki_command", metavar="SUBCOMMAND", required=True)
     q = pki_sub.add_parser(
@@ -167,6 +203,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run(args.config, args.drain_timeout)
     print(f"car-agent run: {result.message}", file=sys.stderr)
     return result.exit_code
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import signal as signals
+
+    from . import replay as rp
+
+    if args.loop < 1:
+        raise UserError("--loop: expected 1 or more")
+    if not 0.0 <= args.drop <= 1.0:
+        raise UserError("--drop: expected a fraction between 0 and 1")
+    options = rp.ReplayOptions(
+        channel=args.channel, interface=args.interface, speed=args.speed,
+        timing=not args.no_timing, loops=args.loop,
+        ids=rp.parse_ids(args.ids) if args.ids else None, start=args.start, end=args.end,
+        channel_map=rp.parse_map(args.map), capture_format=args.format, fd=not args.no_fd,
+        drop=args.drop, jitter_s=args.jitter / 1000.0,
+        gaps=tuple(rp.parse_gap(g) for g in args.gap),
+        flood=rp.parse_flood(args.flood) if args.flood else None, seed=args.seed)
+    stopping = []
+    previous = signals.signal(signals.SIGTERM, lambda *_: stopping.append(True))
+    progress = None if args.quiet or not sys.stderr.isatty() else rp.terminal_progress()
+    try:
+        summary = rp.replay(args.capture, options, progress, stop=lambda: bool(stopping))
+    except KeyboardInterrupt:
+        stopping.append(True)
+        summary = None
+    finally:
+        signals.signal(signals.SIGTERM, previous)
+    if progress is not None:
+        print(file=sys.stderr)
+    if summary is not None:
+        print(summary.line(), file=sys.stderr)
+    return 130 if stopping else 0
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:

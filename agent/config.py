@@ -65,6 +65,7 @@ class StoreConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
+    stats_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -203,11 +204,12 @@ def _store(s: Section | None) -> StoreConfig | None:
 def _logging(s: Section | None) -> LoggingConfig:
     if s is None:
         return LoggingConfig()
-    s.reject_unknown(("level",))
+    s.reject_unknown(("level", "stats_interval_s"))
     level = s.text("level", "info").lower()
     if level not in LOG_LEVELS:
         raise s.error("level", f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
-    return LoggingConfig(level=level)
+    return LoggingConfig(level=level,
+                         stats_interval_s=float(s.number("stats_interval_s", 60.0, minimum=1.0)))
 
 
 def _policy(s: Section | None) -> PolicyConfig:

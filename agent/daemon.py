@@ -8,6 +8,7 @@ the outbox to drain (bounded), publish ``offline`` and exit 0.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -26,7 +27,6 @@ from .vehicle import load_vehicle
 log = logging.getLogger("car_agent.daemon")
 
 RECV_TIMEOUT_S = 0.05
-STATS_INTERVAL_S = 60.0
 SHUTDOWN_DRAIN_S = 5.0
 
 
@@ -80,7 +80,8 @@ class Agent:
         self.source = source = open_source(config.can, self.decoder.can_filters())
         self.uplink.start()
         pipeline, policy = self.pipeline, self.policy
-        next_stats = time.monotonic() + STATS_INTERVAL_S
+        interval = config.logging.stats_interval_s
+        next_stats = time.monotonic() + interval
         try:
             while not self.stop_requested.is_set():
                 msg = source.recv(RECV_TIMEOUT_S)
@@ -97,8 +98,8 @@ class Agent:
                 if outgoing:
                     self._commit(outgoing, now)
                 if time.monotonic() >= next_stats:
-                    next_stats = time.monotonic() + STATS_INTERVAL_S
-                    log.info("stats: %s; uplink %s", self._stats_line(), self.uplink.status_line())
+                    next_stats = time.monotonic() + interval
+                    self._report_health()
             # Capture finished or stop requested: what the policy holds goes out now.
             self._commit(policy.flush(source.now()), source.now())
             capture = config.can.capture is not None
@@ -124,6 +125,28 @@ class Agent:
             self.uplink.stop()
             source.close()
             self.outbox.close()
+
+    def _report_health(self) -> None:
+        """Log a stats line and publish the metrics topic (bus health, queue, uplink)."""
+        now = time.monotonic()
+        counters = self.decoder.counters
+        last = getattr(self, "_last_health", None)
+        rate = 0.0
+        if last is not None and now > last[0]:
+            rate = (counters.frames - last[1]) / (now - last[0])
+        self._last_health = (now, counters.frames)
+        log.info("stats: %.0f frames/s; %s; uplink %s", rate, self._stats_line(),
+                 self.uplink.status_line())
+        outbox = self.outbox.stats()
+        metrics = {
+            "ts": int(time.time() * 1000), "frames_per_s": round(rate, 1),
+            "source": self.source.health() if self.source else {},
+            "decode": counters.as_dict(),
+            "outbox": {"queued": outbox.queued, "bytes": outbox.queued_bytes,
+                       "dropped_full": outbox.dropped_full, "dropped_age": outbox.dropped_age,
+                       "refused": outbox.failed},
+        }
+        self.uplink.publish_metrics(json.dumps(metrics, separators=(",", ":")).encode())
 
     def _stats_line(self) -> str:
         c = self.decoder.counters

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Iterator
 
 import can
@@ -32,6 +33,9 @@ class FrameSource:
     def summary(self) -> str:
         return ""
 
+    def health(self) -> dict:
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -39,51 +43,126 @@ class FrameSource:
 class BusSource(FrameSource):
     """A python-can bus opened for receiving only.
 
-    The agent is a listener: it never calls ``send`` on the vehicle bus. Kernel filters
-    (``can_filters``) keep the frames the mapping does not need out of this process entirely.
+    The agent is a listener: it never calls ``send`` on the vehicle bus (a compromised or buggy
+    agent must not be able to inject frames). Kernel filters (``can_filters``) keep the frames
+    the mapping does not need out of this process entirely. A bus that goes away (``ip link
+    set can0 down``, a USB adapter unplugged) is reported and reopened once it is back; it never
+    ends the daemon.
     """
 
+    REOPEN_INTERVAL_S = 1.0
+
     def __init__(self, config: CanConfig, can_filters: list[dict] | None) -> None:
-        kwargs = {"interface": config.interface, "channel": config.channel,
-                  "can_filters": can_filters, "receive_own_messages": False}
+        self.kwargs = {"interface": config.interface, "channel": config.channel,
+                       "can_filters": can_filters, "receive_own_messages": False}
         if config.fd:
-            kwargs["fd"] = True
+            self.kwargs["fd"] = True
         if config.bitrate:
-            kwargs["bitrate"] = config.bitrate
+            self.kwargs["bitrate"] = config.bitrate
         self.description = f"{config.interface} {config.channel or ''}".strip()
-        try:
-            self.bus = can.Bus(**kwargs)
-        except (can.CanError, OSError, ValueError, ImportError, NotImplementedError) as exc:
-            raise UserError(f"can: cannot open {self.description}: {exc}") from None
+        self.sysfs = (Path("/sys/class/net") / config.channel
+                      if config.interface == "socketcan" and config.channel else None)
         self.frames = 0
         self.errors = 0
+        self.down_events = 0
+        self.up_events = 0
+        self._down_since: float | None = None
+        self._next_reopen = 0.0
+        self.bus: can.BusABC | None = self._open(initial=True)
+
+    def _open(self, initial: bool = False) -> can.BusABC | None:
+        try:
+            return can.Bus(**self.kwargs)
+        except (can.CanError, OSError, ValueError, ImportError, NotImplementedError) as exc:
+            if initial:
+                raise UserError(f"can: cannot open {self.description}: {exc}"
+                                f"{socketcan_hint(exc, self.kwargs.get('channel'))}") from None
+            return None
 
     def recv(self, timeout: float) -> can.Message | None:
+        bus = self.bus
+        if bus is None:
+            return self._reopen(timeout)
         try:
-            msg = self.bus.recv(timeout)
+            msg = bus.recv(timeout)
         except (can.CanError, OSError) as exc:
-            # A bus going down (ip link set down) must not end the daemon: report, wait, retry.
-            self.errors += 1
-            if self.errors == 1 or self.errors % 100 == 0:
-                log.warning("CAN receive error on %s (%d so far): %s", self.description,
-                            self.errors, exc)
-            time.sleep(min(timeout, 0.5))
+            self._went_down(exc)
             return None
         if msg is not None:
             self.frames += 1
         return msg
 
+    def _went_down(self, exc: Exception) -> None:
+        self.errors += 1
+        self.down_events += 1
+        self._down_since = time.monotonic()
+        log.warning("CAN bus %s is down (%s); the agent keeps running and reopens it when it "
+                    "is back", self.description, exc)
+        try:
+            self.bus.shutdown()
+        except Exception:  # noqa: BLE001 - a broken bus may fail to close too
+            pass
+        self.bus = None
+        self._next_reopen = time.monotonic() + self.REOPEN_INTERVAL_S
+
+    def _reopen(self, timeout: float) -> None:
+        now = time.monotonic()
+        if now < self._next_reopen or not self.link_up():
+            time.sleep(timeout)
+            return None
+        self._next_reopen = now + self.REOPEN_INTERVAL_S
+        self.bus = self._open()
+        if self.bus is not None:
+            self.up_events += 1
+            log.warning("CAN bus %s is up again after %.1f s", self.description,
+                        now - (self._down_since or now))
+            self._down_since = None
+        return None
+
+    def link_up(self) -> bool:
+        """The interface's IFF_UP flag (socketcan); True where it cannot be known."""
+        if self.sysfs is None:
+            return True
+        try:
+            return bool(int((self.sysfs / "flags").read_text(), 16) & 0x1)
+        except (OSError, ValueError):
+            return False
+
+    def health(self) -> dict:
+        health = {"bus": self.description, "state": "up" if self.bus is not None else "down",
+                  "frames": self.frames, "down_events": self.down_events,
+                  "up_events": self.up_events}
+        if self.sysfs is not None:
+            for name in ("rx_dropped", "rx_errors", "rx_packets", "tx_packets"):
+                try:
+                    health[name] = int((self.sysfs / "statistics" / name).read_text())
+                except (OSError, ValueError):
+                    pass
+        return health
+
     def now(self) -> float:
         return time.time()
 
     def summary(self) -> str:
-        return f"{self.description}: {self.frames} frames received, {self.errors} receive errors"
+        return (f"{self.description}: {self.frames} frames received, {self.down_events} "
+                f"bus-down event(s)")
 
     def close(self) -> None:
-        try:
-            self.bus.shutdown()
-        except Exception:  # noqa: BLE001 - closing a broken bus must not mask the real exit
-            pass
+        if self.bus is not None:
+            try:
+                self.bus.shutdown()
+            except Exception:  # noqa: BLE001 - closing a broken bus must not mask the real exit
+                pass
+
+
+def socketcan_hint(exc: Exception, channel: str | None) -> str:
+    text = str(exc)
+    if "Address family not supported" in text:
+        return " (this kernel has no SocketCAN; tools/vcan-vm runs a kernel that has)"
+    if "No such device" in text and channel:
+        return (f" (no interface {channel}; for a virtual one: sudo modprobe vcan && sudo ip link "
+                f"add dev {channel} type vcan && sudo ip link set up {channel})")
+    return ""
 
 
 class CaptureSource(FrameSource):
@@ -129,6 +208,10 @@ class CaptureSource(FrameSource):
 
     def now(self) -> float:
         return self._now
+
+    def health(self) -> dict:
+        return {"capture": str(self.reader.path), "frames": self.reader.frames,
+                "malformed": self.reader.malformed}
 
     def summary(self) -> str:
         text = f"{self.reader.path}: {self.reader.frames} frames replayed"

@@ -84,7 +84,7 @@ class Uplink:
         self.outbox = outbox
         prefix = f"{config.topic_prefix}/{vehicle_id}"
         self.topics = {"events": f"{prefix}/events", "state": f"{prefix}/state",
-                       "status": f"{prefix}/status"}
+                       "status": f"{prefix}/status", "metrics": f"{prefix}/metrics"}
         self.counters = UplinkCounters()
         self.connected = threading.Event()
         self.last_error: str | None = None
@@ -95,6 +95,7 @@ class Uplink:
         self._retry_at: dict[int, float] = {}       # seq -> monotonic time it may be retried
         self._status_mid: int | None = None
         self._status_acked = threading.Event()
+        self._metrics: bytes | None = None
         self._thread: threading.Thread | None = None
         self._context = build_tls_context(config)
         self.client = self._make_client()
@@ -119,6 +120,11 @@ class Uplink:
         self._thread.start()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def publish_metrics(self, payload: bytes) -> None:
+        """Health metrics (unsigned JSON, QoS 0, not queued): the newest replaces an unsent one."""
+        self._metrics = payload
         self._wake.set()
 
     def wait_drained(self, timeout: float) -> bool:
@@ -171,6 +177,9 @@ class Uplink:
                 delay = self.config.reconnect_min_s
                 if self._want_offline:
                     self._publish_offline(client)
+                if self._metrics is not None:
+                    payload, self._metrics = self._metrics, None
+                    client.publish(self.topics["metrics"], payload, qos=0)
                 self._pump(client)
             if self._wake.is_set():
                 self._wake.clear()
