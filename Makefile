@@ -12,8 +12,11 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 demo: system-deps-demo $(STAMP)
 	$(PY) tools/demo.py
 
+# The host suite, then the vcan suite inside a real Linux kernel with vcan0/vcan1
+# (User-Mode Linux via tools/vcan-vm; directly on a host whose kernel already has them).
 test: system-deps-test $(STAMP)
 	$(PY) -m pytest tests
+	tools/vcan-vm --host-if-possible -- env CAR_AGENT_IN_VCAN=1 $(PY) -m pytest -p no:cacheprovider tests/guest
 
 venv: $(STAMP)
 

@@ -274,14 +274,16 @@ class MessageChecker:
         vid, leaf = parts[n], parts[n + 1]
         if not VEHICLE_ID_PATTERN.match(vid):
             return _rejected(topic, "unexpected topic: not a valid vehicle id")
-        if leaf not in ("events", "state", "status"):
+        if leaf not in ("events", "state", "status", "metrics"):
             return _rejected(topic, f"unexpected topic: unknown leaf {leaf[:40]!r} "
-                                    "(expected events, state or status)")
+                                    "(expected events, state, status or metrics)")
         if len(payload) > MAX_PAYLOAD_BYTES:
             return _rejected(topic, f"payload too large ({len(payload)} bytes, "
                                     f"limit {MAX_PAYLOAD_BYTES})")
         if leaf == "status":
             return self._status(topic, vid, payload, retained)
+        if leaf == "metrics":
+            return self._metrics(topic, vid, payload)
         if not payload:
             return _rejected(topic, "empty payload")
         try:
@@ -331,6 +333,10 @@ class MessageChecker:
         return record
 
     @staticmethod
+    def _metrics(topic: str, vid: str, payload: bytes) -> dict[str, Any]:
+        return _metrics_record(topic, vid, payload)
+
+    @staticmethod
     def _status(topic: str, vid: str, payload: bytes, retained: bool) -> dict[str, Any]:
         try:
             text = payload.decode("utf-8").strip()
@@ -350,6 +356,17 @@ class MessageChecker:
                     obj, sort_keys=True, separators=(",", ":"))
                 record["detail"] = obj
         return record
+
+
+def _metrics_record(topic: str, vid: str, payload: bytes) -> dict[str, Any]:
+    """Health metrics (unsigned JSON): shown, never verified, never trusted for state."""
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return _rejected(topic, "malformed: metrics are not a JSON object")
+    if not isinstance(obj, dict):
+        return _rejected(topic, "malformed: metrics are not a JSON object")
+    return {"vid": vid, "topic": topic, "kind": "metrics", "metrics": obj, "verified": False}
 
 
 def _claims_problem(claims: dict[str, Any]) -> str | None:
@@ -637,6 +654,13 @@ def format_human(record: dict[str, Any]) -> str:
         if "rejected" in record:
             seq = f" (seq {record['seq']})" if "seq" in record else ""
             return _printable(f"rejected {record['topic']}: {record['rejected']}{seq}", 400)
+        if record.get("kind") == "metrics":
+            m = record["metrics"]
+            source = m.get("source") if isinstance(m.get("source"), dict) else {}
+            outbox = m.get("outbox") if isinstance(m.get("outbox"), dict) else {}
+            return _printable(f"{record['vid']} metrics {m.get('frames_per_s')} frames/s, bus "
+                              f"{source.get('state', '?')}, {outbox.get('queued', '?')} queued",
+                              300)
         retained = " (retained)" if record.get("retained") else ""
         return f"{record['vid']} status {_printable(str(record['status']), 100)}{retained}"
     quality = record.get("quality") or {}

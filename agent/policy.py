@@ -75,7 +75,7 @@ class PublishPolicy:
         self.batches: deque[dict[int, Change]] = deque()
         self.significant = False
         self.last_snapshot: float | None = None
-        self.tokens = max(1.0, config.max_messages_per_s)
+        self.tokens = 1.0
         self.last_refill: float | None = None
         self.counters = PolicyCounters()
 
@@ -85,8 +85,7 @@ class PublishPolicy:
             i = self.index[change.path]
             quality = change.quality
             if quality != VALID or self.sent_quality[i] != VALID or self.immediate[i] \
-                    or not isinstance(change.value, (int, float)) \
-                    or not isinstance(self.sent_value[i], (int, float)):
+                    or not _is_number(change.value) or not _is_number(self.sent_value[i]):
                 if change.value == self.sent_value[i] and quality == self.sent_quality[i] \
                         and type(change.value) is type(self.sent_value[i]):
                     self.held.pop(i, None)
@@ -95,7 +94,8 @@ class PublishPolicy:
                 continue
             moved = abs(change.value - self.sent_value[i])
             band = self.deadband[i]
-            if (band > 0 and moved >= band) or (band <= 0 and moved > 0):
+            # Tolerance: 0.4 -> 1.4 is 0.9999999999999999 in binary floating point.
+            if (band > 0 and moved >= band * (1 - 1e-9)) or (band <= 0 and moved > 0):
                 if change.t - self.sent_t[i] >= self.config.min_interval_s:
                     self._enqueue(i, change)
                 else:
@@ -129,21 +129,26 @@ class PublishPolicy:
             for i, change in list(self.held.items()):
                 if now - self.sent_t[i] >= config.min_interval_s:
                     self._enqueue(i, change)
+                    self.sent_t[i] = now    # the interval runs from when it was sent
         if self.last_refill is None:
             self.last_refill = now
             self.last_snapshot = now   # first snapshot once the state has filled
         elif now > self.last_refill:
-            self.tokens = min(max(1.0, config.max_messages_per_s),
-                              self.tokens + (now - self.last_refill) * config.max_messages_per_s)
+            # A bucket of one token: never more than max_messages_per_s in any second.
+            self.tokens = min(1.0, self.tokens + (now - self.last_refill) *
+                              config.max_messages_per_s)
             self.last_refill = now
         out: list[Outgoing] = []
+        since = now - self.last_snapshot
+        if since >= config.heartbeat_s and self.tokens >= 1.0:
+            # The heartbeat goes first: a backlog of events must not starve it.
+            out.append(self._snapshot(now))
+            self.tokens -= 1.0
+            since = 0.0
         while self.batches and self.tokens >= 1.0:
             out.append(self._event(self.batches.popleft()))
             self.tokens -= 1.0
-        since = now - self.last_snapshot
-        wanted = since >= config.heartbeat_s or (
-            self.significant and since >= config.snapshot_min_interval_s)
-        if wanted and self.tokens >= 1.0:
+        if self.significant and since >= config.snapshot_min_interval_s and self.tokens >= 1.0:
             out.append(self._snapshot(now))
             self.tokens -= 1.0
         return out
@@ -166,3 +171,7 @@ class PublishPolicy:
         self.last_snapshot = now
         self.significant = False
         return Outgoing("state")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

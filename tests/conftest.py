@@ -22,6 +22,10 @@ from agent.pki import init_pki
 
 VEHICLES = ["VIN1", "VIN2"]
 
+# tests/guest needs a kernel with vcan: `make test` runs it inside tools/vcan-vm with
+# CAR_AGENT_IN_VCAN=1; a plain `pytest tests` on a host without vcan leaves it out.
+collect_ignore = [] if os.environ.get("CAR_AGENT_IN_VCAN") == "1" else ["guest"]
+
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
