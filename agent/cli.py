@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
+from . import logsetup
 from .errors import UserError
 
 log = logging.getLogger("car_agent")
@@ -200,7 +201,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import run
 
-    result = run(args.config, args.drain_timeout)
+    result = run(args.config, args.drain_timeout, debug=args.debug)
     print(f"car-agent run: {result.message}", file=sys.stderr)
     return result.exit_code
 
@@ -261,11 +262,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logsetup.configure(debug=args.debug)
     try:
         return args.func(args)
     except UserError as exc:

@@ -66,6 +66,7 @@ class StoreConfig:
 class LoggingConfig:
     level: str = "info"
     stats_interval_s: float = 60.0
+    mask_vin: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,12 +205,13 @@ def _store(s: Section | None) -> StoreConfig | None:
 def _logging(s: Section | None) -> LoggingConfig:
     if s is None:
         return LoggingConfig()
-    s.reject_unknown(("level", "stats_interval_s"))
+    s.reject_unknown(("level", "stats_interval_s", "mask_vin"))
     level = s.text("level", "info").lower()
     if level not in LOG_LEVELS:
         raise s.error("level", f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
     return LoggingConfig(level=level,
-                         stats_interval_s=float(s.number("stats_interval_s", 60.0, minimum=1.0)))
+                         stats_interval_s=float(s.number("stats_interval_s", 60.0, minimum=1.0)),
+                         mask_vin=s.get("mask_vin", bool, False))
 
 
 def _policy(s: Section | None) -> PolicyConfig:

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from . import logsetup
 from .envelope import Envelopes
 from .outbox import Outbox
 from .policy import Outgoing, PublishPolicy
@@ -158,8 +159,11 @@ class Agent:
                 f"dropped (full), {o.dropped_age} dropped (age)")
 
 
-def run(config_path, drain_timeout: float = 30.0) -> RunResult:
+def run(config_path, drain_timeout: float = 30.0, debug: bool = False) -> RunResult:
     agent = Agent(config_path, drain_timeout)
+    logging_config = agent.config.logging
+    logsetup.configure(logging_config.level, debug, agent.config.vehicle_id,
+                       logging_config.mask_vin)
     previous = {sig: signal.signal(sig, agent.request_stop)
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -203,6 +203,9 @@ class _Buses:
                 pass
 
 
+_SENT, _RETRY, _FAILED = 1, 0, -1
+
+
 def _sender(bus: can.BusABC, summary: ReplaySummary) -> Callable[[can.Message], None]:
     """A function sending one frame, counting it, retrying while the TX queue is full.
 
@@ -211,46 +214,41 @@ def _sender(bus: can.BusABC, summary: ReplaySummary) -> Callable[[can.Message], 
     """
     sock = getattr(bus, "socket", None)
     if isinstance(bus, SocketcanBus) and sock is not None:
-        def raw_send(msg: can.Message) -> None:
-            data = build_can_frame(msg)
-            deadline = None
-            while True:
-                try:
-                    sock.send(data)
-                    summary.sent += 1
-                    return
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    if exc.errno != errno.ENOBUFS:
-                        _send_failed(exc, summary)
-                        return
-                now = time.monotonic()
-                deadline = deadline or now + TX_FULL_GIVE_UP_S
-                if now >= deadline:
-                    raise UserError(f"transmit queue full for {TX_FULL_GIVE_UP_S:g} s: the bus "
-                                    "does not take frames") from None
-                time.sleep(0.001)
-        return raw_send
-
-    def generic_send(msg: can.Message) -> None:
-        deadline = None
-        while True:
+        def attempt(msg: can.Message) -> int:
+            try:
+                sock.send(build_can_frame(msg))
+                return _SENT
+            except BlockingIOError:
+                return _RETRY
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    return _RETRY
+                _send_failed(exc, summary)
+                return _FAILED
+    else:
+        def attempt(msg: can.Message) -> int:
             try:
                 bus.send(msg, timeout=0.1)
-                summary.sent += 1
-                return
+                return _SENT
             except can.CanOperationError as exc:
                 text = str(exc).lower()
-                if "buffer" not in text and "timed out" not in text:
-                    _send_failed(exc, summary)
-                    return
-                now = time.monotonic()
-                deadline = deadline or now + TX_FULL_GIVE_UP_S
-                if now >= deadline:
-                    raise UserError(f"transmit queue full for {TX_FULL_GIVE_UP_S:g} s: the bus "
-                                    f"does not take frames ({exc})") from None
-    return generic_send
+                if "buffer" in text or "timed out" in text:
+                    return _RETRY
+                _send_failed(exc, summary)
+                return _FAILED
+
+    def send(msg: can.Message) -> None:
+        deadline = None
+        while (outcome := attempt(msg)) == _RETRY:
+            now = time.monotonic()
+            deadline = deadline or now + TX_FULL_GIVE_UP_S
+            if now >= deadline:
+                raise UserError(f"transmit queue full for {TX_FULL_GIVE_UP_S:g} s: the bus "
+                                "does not take frames")
+            time.sleep(0.001)
+        if outcome == _SENT:
+            summary.sent += 1
+    return send
 
 
 def _send_failed(exc: Exception, summary: ReplaySummary) -> None:
