@@ -70,6 +70,11 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    cert_warn_days: int = 30
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     file: Path
     vehicle_id: str
@@ -81,6 +86,7 @@ class AgentConfig:
     store: StoreConfig | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def require(self, *sections: str) -> None:
         """Fail with one line if a section a command needs is absent."""
@@ -90,7 +96,7 @@ class AgentConfig:
 
 
 TOP_KEYS = ("vehicle_id", "can", "dbc", "mapping", "signing", "mqtt", "store", "policy",
-            "logging")
+            "logging", "security")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -124,6 +130,7 @@ def load_config(path: str | Path) -> AgentConfig:
         store=_store(top.section("store")),
         logging=_logging(top.section("logging")),
         policy=_policy(top.section("policy")),
+        security=_security(top.section("security")),
     )
 
 
@@ -247,3 +254,10 @@ def _policy(s: Section | None) -> PolicyConfig:
         max_pending_batches=s.integer("max_pending_batches", default.max_pending_batches,
                                       minimum=1, maximum=1_000_000),
     )
+
+
+def _security(s: Section | None) -> SecurityConfig:
+    if s is None:
+        return SecurityConfig()
+    s.reject_unknown(("cert_warn_days",))
+    return SecurityConfig(cert_warn_days=s.integer("cert_warn_days", 30, minimum=0, maximum=3650))

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 from . import logsetup
 from .envelope import Envelopes
+from .keyfiles import certificate_expiry_warning, check_private_key_file
 from .outbox import Outbox
 from .policy import Outgoing, PublishPolicy
+from .sdnotify import Notifier
 from .signing import Signer
 from .source import FrameSource, open_source
 from .state import SignalPipeline
@@ -48,6 +50,9 @@ class Agent:
         self.vehicle = vehicle
         self.config = config
         self.drain_timeout = drain_timeout
+        # Refuse careless key files before using them (mode, owner): one line saying which.
+        check_private_key_file(config.signing.key, "signing.key")
+        check_private_key_file(config.mqtt.key, "mqtt.key")
         self.signer = Signer.from_file(config.signing.key)
         self.decoder = vehicle.decoder()
         self.pipeline = SignalPipeline(self.decoder)
@@ -58,6 +63,8 @@ class Agent:
         self.uplink = Uplink(config.mqtt, config.vehicle_id, self.outbox)
         self.stop_requested = threading.Event()
         self.source: FrameSource | None = None
+        self.notifier = Notifier.from_environ()
+        self._next_cert_check = 0.0
 
     def request_stop(self, *_: object) -> None:
         self.stop_requested.set()
@@ -80,11 +87,18 @@ class Agent:
                  len(self.decoder.frame_keys), config.store.path, len(self.outbox))
         self.source = source = open_source(config.can, self.decoder.can_filters())
         self.uplink.start()
+        self._check_certificate()
+        # Ready once the bus is open and the uplink runs; not waiting for the broker: a car
+        # without coverage has still started.
+        self.notifier.ready(f"vehicle {config.vehicle_id}: {len(self.decoder.paths)} signals, "
+                            f"{len(self.outbox)} queued")
+        notifier = self.notifier
         pipeline, policy = self.pipeline, self.policy
         interval = config.logging.stats_interval_s
         next_stats = time.monotonic() + interval
         try:
             while not self.stop_requested.is_set():
+                notifier.watchdog()
                 msg = source.recv(RECV_TIMEOUT_S)
                 if msg is not None:
                     changes = pipeline.feed(msg)
@@ -102,6 +116,7 @@ class Agent:
                     next_stats = time.monotonic() + interval
                     self._report_health()
             # Capture finished or stop requested: what the policy holds goes out now.
+            notifier.stopping("flushing and draining the outbox")
             self._commit(policy.flush(source.now()), source.now())
             capture = config.can.capture is not None
             timeout = self.drain_timeout if capture and not self.stop_requested.is_set() \
@@ -126,6 +141,7 @@ class Agent:
             self.uplink.stop()
             source.close()
             self.outbox.close()
+            self.notifier.close()
 
     def _report_health(self) -> None:
         """Log a stats line and publish the metrics topic (bus health, queue, uplink)."""
@@ -147,7 +163,24 @@ class Agent:
                        "dropped_full": outbox.dropped_full, "dropped_age": outbox.dropped_age,
                        "refused": outbox.failed},
         }
+        if self.cert_warning:
+            metrics["certificate"] = self.cert_warning
         self.uplink.publish_metrics(json.dumps(metrics, separators=(",", ":")).encode())
+        self.notifier.status(f"{rate:.0f} frames/s, {outbox.queued} queued, uplink "
+                             f"{'connected' if self.uplink.connected.is_set() else 'disconnected'}")
+        if now >= self._next_cert_check:
+            self._check_certificate()
+
+    cert_warning: str | None = None
+
+    def _check_certificate(self) -> None:
+        """Warn ahead of the client certificate's expiry (checked at start and daily)."""
+        self._next_cert_check = time.monotonic() + 86400.0
+        warning = certificate_expiry_warning(self.config.mqtt.cert,
+                                             self.config.security.cert_warn_days)
+        self.cert_warning = warning
+        if warning:
+            log.warning("%s", warning)
 
     def _stats_line(self) -> str:
         c = self.decoder.counters

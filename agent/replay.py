@@ -83,7 +83,6 @@ class ReplaySummary:
     errors: int = 0
     malformed: int = 0
     wall_s: float = 0.0
-    capture_s: float = 0.0
     late: list[float] = field(default_factory=list)   # sampled |actual - due|, seconds
 
     def percentile(self, q: float) -> float | None:
@@ -115,7 +114,7 @@ def parse_ids(text: str) -> frozenset[int]:
         if not part:
             continue
         try:
-            value = int(part, 16) if part.lower().startswith("0x") else int(part, 16)
+            value = int(part, 16)   # frame ids are hex, with or without 0x
         except ValueError:
             raise UserError(f"--ids: {part!r} is not a hex frame id (e.g. 0x123)") from None
         if not 0 <= value <= 0x1FFFFFFF:
@@ -145,10 +144,14 @@ def parse_gap(text: str) -> Gap:
 def parse_flood(text: str) -> Flood:
     parts = text.split(":")
     try:
-        if len(parts) == 1:
-            return Flood(float(parts[0]))
-        if len(parts) == 3:
-            return Flood(float(parts[0]), float(parts[1]), float(parts[2]))
+        if len(parts) in (1, 3):
+            flood = Flood(*(float(p) for p in parts))
+            if not 0 < flood.rate < float("inf"):
+                raise UserError(f"--flood: RATE must be a positive number of frames/s, "
+                                f"got {parts[0]!r}")
+            if not (flood.duration >= 0 and flood.start >= 0):
+                raise UserError(f"--flood: START and DURATION must not be negative: {text!r}")
+            return flood
     except ValueError:
         pass
     raise UserError(f"--flood: {text!r} is not RATE or RATE:START:DURATION (e.g. 3000:5:2)")
@@ -290,17 +293,20 @@ def replay(capture: Path, options: ReplayOptions,
     try:
         for loop in range(max(1, options.loops)):
             with open_capture(capture, options.capture_format) as reader:
-                first = last = None
+                first = None                    # the capture's first frame: 0 s for the window
+                win_first = win_last = None     # first and last frame played in the window
+                played = 0
+                stopped = False
                 frames = _merge_flood(iter(reader), options, rng) if options.flood else (
                     (None, m) for m in reader)
                 for injected, msg in frames:
                     if stop is not None and stop():
-                        return summary
+                        stopped = True
+                        break
                     ts = msg.timestamp if injected is None else injected
                     if first is None:
                         first = ts
-                    last = ts
-                    rel = ts - first
+                    rel = round(ts - first, 6)      # microseconds: predictable window edges
                     if options.start is not None and rel < options.start:
                         summary.skipped += 1
                         continue
@@ -327,6 +333,10 @@ def replay(capture: Path, options: ReplayOptions,
                     if bus is None:
                         summary.skipped += 1
                         continue
+                    if win_first is None:
+                        win_first = ts
+                    win_last = ts
+                    played += 1
                     t = ts + offset
                     if t0 is None:
                         t0 = t
@@ -361,20 +371,21 @@ def replay(capture: Path, options: ReplayOptions,
                             progress(summary.sent, (t - t0) if t0 is not None else 0.0,
                                      None if span is None else span * options.loops)
                 summary.malformed += reader.malformed
+                if stopped:
+                    return summary
                 if reader.error:
                     raise UserError(f"{capture}: {reader.error}")
                 if loop == 0 and summary.malformed:
                     note = reader.malformed_summary()
                     if note:
                         print(note, file=sys.stderr)
-                if first is not None and last is not None:
-                    # Next loop continues one mean frame gap after this loop's last frame.
-                    count = max(1, reader.frames - 1)
-                    offset += (last - first) + (last - first) / count
+                if win_first is not None:
+                    # The next loop starts one mean frame gap after this loop's last frame.
+                    length = win_last - win_first
+                    offset += length + length / max(1, played - 1)
         return summary
     finally:
         summary.wall_s = time.monotonic() - started
-        summary.capture_s = 0.0 if t0 is None else (summary.wall_s * options.speed)
         buses.close()
 
 

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import yaml
 
 from .errors import ConfigError
+from .keyfiles import expand_credentials_path
 
 #: Refuse files larger than this before parsing them (a config is a few KiB).
 MAX_YAML_BYTES = 4 * 1024 * 1024
@@ -177,6 +178,7 @@ class Section:
             return None
         if "\x00" in value:
             raise self.error(key, "a path must not contain NUL bytes")
+        value = expand_credentials_path(value, f"{self.file}: {self.where(key)}", unset_ok=True)
         path = Path(value).expanduser()
         return path if path.is_absolute() else (self.file.parent / path)
 

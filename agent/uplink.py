@@ -26,6 +26,7 @@ from cryptography import x509
 
 from .config import MqttConfig
 from .errors import KeyFileError
+from .keyfiles import FileWatcher, check_private_key_file
 from .outbox import Outbox
 from .tlsdiag import ClosingSSLSocket, describe_connect_error, describe_tls_alert, probe_tls12
 
@@ -33,6 +34,8 @@ log = logging.getLogger("car_agent.uplink")
 
 #: A refused entry (PUBACK failure) is retried after this long, not in a hot loop.
 FAILED_RETRY_S = 30.0
+#: How often the CA, certificate and key files are checked for changes (rotation).
+CREDENTIALS_CHECK_S = 5.0
 CONNECT_TIMEOUT_S = 10.0
 
 def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
@@ -99,6 +102,8 @@ class Uplink:
         self._thread: threading.Thread | None = None
         self._context = build_tls_context(config)
         self.client = self._make_client()
+        self._credentials = FileWatcher([config.ca, config.cert, config.key])
+        self.rotations = 0
 
     def _make_client(self) -> mqtt.Client:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
@@ -159,7 +164,13 @@ class Uplink:
         delay = self.config.reconnect_min_s
         client = self.client
         first = True
+        next_credentials_check = time.monotonic() + CREDENTIALS_CHECK_S
         while not self._stop.is_set():
+            if time.monotonic() >= next_credentials_check:
+                next_credentials_check = time.monotonic() + CREDENTIALS_CHECK_S
+                if self._credentials.changed() and self._rotate():
+                    client = self.client
+                    first = True
             if not self._socket_open(client):
                 if not first:
                     pause = random.uniform(delay / 2, delay)   # jitter: no thundering herd
@@ -188,6 +199,35 @@ class Uplink:
             client.loop(timeout=0.2)
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
+
+    def _rotate(self) -> bool:
+        """New CA/certificate/key on disk: reconnect with them, keeping the outbox as it is.
+
+        Unusable new files (half written, wrong mode, key not matching) keep the current
+        connection; the next change is tried again.
+        """
+        try:
+            check_private_key_file(self.config.key, "mqtt.key")
+            context = build_tls_context(self.config)
+        except KeyFileError as exc:
+            log.warning("uplink: credentials changed on disk but are not usable (%s); keeping "
+                        "the current ones", exc)
+            return False
+        log.info("uplink: credentials changed on disk; reconnecting with them")
+        old = self.client
+        try:
+            old.disconnect()
+            old.loop(timeout=0.1)
+        except Exception:  # noqa: BLE001 - the old connection may already be gone
+            pass
+        self.connected.clear()
+        self._context = context
+        # paho keeps unacknowledged messages per client; the new client starts empty and the
+        # outbox (which still holds them) republishes: the cloud de-duplicates by seq.
+        self._inflight.clear()
+        self.client = self._make_client()
+        self.rotations += 1
+        return True
 
     @staticmethod
     def _socket_open(client: mqtt.Client) -> bool:

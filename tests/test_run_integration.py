@@ -266,3 +266,41 @@ def test_acl_denial_is_a_failure_not_a_delivery(tmp_path, pki, broker, cloud_con
         assert stats.delivered == 0
         assert stats.queued > 0
         assert stats.failed >= 1
+
+
+def test_credential_rotation_without_restart_loses_nothing(tmp_path, pki, broker, cloud_config,
+                                                           drive):
+    """The client certificate and key are replaced on disk while the agent runs: it reconnects
+    with the new ones by itself and every seq still arrives."""
+    import shutil
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    for name in ("VIN1.crt", "VIN1.key"):
+        shutil.copy2(pki / name, creds / name)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    new_cert, new_key = issue_client_cert(fresh, "VIN1", ca_dir=pki)
+    policy = "policy: {min_interval_s: 0, snapshot_min_interval_s: 0.5, heartbeat_s: 2}"
+    config = agent_config(tmp_path, pki, broker.port, drive, realtime=True, policy=policy,
+                          cert=creds / "VIN1.crt", key=creds / "VIN1.key")
+    with Collector(cloud_config()) as cloud:
+        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                                 stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            assert cloud.wait_for(lambda: len(cloud.verified()) >= 5, 20)
+            # Atomic replacement, as a provisioning client would do it.
+            for src, dst in ((new_key, creds / "VIN1.key"), (new_cert, creds / "VIN1.crt")):
+                shutil.copy2(src, dst.with_suffix(".tmp"))
+                (dst.with_suffix(".tmp")).rename(dst)
+            _, stderr = agent.communicate(timeout=90)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+        assert agent.returncode == 0, stderr
+        assert "credentials changed on disk; reconnecting" in stderr
+        assert cloud.wait_for(lambda: any(r.get("status") == "offline"
+                                          for r in cloud.records[-3:]))
+    seqs = {r["seq"] for r in cloud.verified()}
+    assert seqs == set(range(1, max(seqs) + 1))
+    assert broker.log_text().count("New client connected") >= 0   # broker saw both sessions
