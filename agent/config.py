@@ -67,6 +67,8 @@ class LoggingConfig:
     level: str = "info"
     stats_interval_s: float = 60.0
     mask_vin: bool = False
+    rate_limit_burst: int = 20
+    rate_limit_window_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -212,13 +214,18 @@ def _store(s: Section | None) -> StoreConfig | None:
 def _logging(s: Section | None) -> LoggingConfig:
     if s is None:
         return LoggingConfig()
-    s.reject_unknown(("level", "stats_interval_s", "mask_vin"))
+    s.reject_unknown(("level", "stats_interval_s", "mask_vin", "rate_limit_burst",
+                      "rate_limit_window_s"))
     level = s.text("level", "info").lower()
     if level not in LOG_LEVELS:
         raise s.error("level", f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
     return LoggingConfig(level=level,
                          stats_interval_s=float(s.number("stats_interval_s", 60.0, minimum=1.0)),
-                         mask_vin=s.get("mask_vin", bool, False))
+                         mask_vin=s.get("mask_vin", bool, False),
+                         rate_limit_burst=s.integer("rate_limit_burst", 20, minimum=1,
+                                                    maximum=100_000),
+                         rate_limit_window_s=float(s.number("rate_limit_window_s", 60.0,
+                                                            minimum=1.0)))
 
 
 def _policy(s: Section | None) -> PolicyConfig:

@@ -24,7 +24,7 @@ from .sdnotify import Notifier
 from .signing import Signer
 from .source import FrameSource, open_source
 from .state import SignalPipeline
-from .uplink import Uplink
+from .uplink import Uplink, certificate_expiry
 from .vehicle import load_vehicle
 
 log = logging.getLogger("car_agent.daemon")
@@ -163,8 +163,12 @@ class Agent:
                        "dropped_full": outbox.dropped_full, "dropped_age": outbox.dropped_age,
                        "refused": outbox.failed},
         }
-        if self.cert_warning:
-            metrics["certificate"] = self.cert_warning
+        expiry = certificate_expiry(self.config.mqtt.cert)
+        metrics["certificate"] = {
+            "expires": None if expiry is None else expiry.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "warning": self.cert_warning}
+        metrics["log_lines_suppressed"] = logsetup.rate_limit.suppressed \
+            if logsetup.rate_limit else 0
         self.uplink.publish_metrics(json.dumps(metrics, separators=(",", ":")).encode())
         self.notifier.status(f"{rate:.0f} frames/s, {outbox.queued} queued, uplink "
                              f"{'connected' if self.uplink.connected.is_set() else 'disconnected'}")
@@ -196,7 +200,8 @@ def run(config_path, drain_timeout: float = 30.0, debug: bool = False) -> RunRes
     agent = Agent(config_path, drain_timeout)
     logging_config = agent.config.logging
     logsetup.configure(logging_config.level, debug, agent.config.vehicle_id,
-                       logging_config.mask_vin)
+                       logging_config.mask_vin, logging_config.rate_limit_burst,
+                       logging_config.rate_limit_window_s)
     previous = {sig: signal.signal(sig, agent.request_stop)
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

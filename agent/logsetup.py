@@ -82,13 +82,18 @@ def under_journal() -> bool:
     return bool(os.environ.get("JOURNAL_STREAM"))
 
 
+#: The active rate limiter (its ``suppressed`` count goes into the daemon's metrics).
+rate_limit: RateLimitFilter | None = None
+
+
 def configure(level: str = "info", debug: bool = False, vehicle_id: str | None = None,
-              mask: bool = False) -> None:
+              mask: bool = False, burst: int = 20, window_s: float = 60.0,
+              stream=None) -> None:
     """(Re)configure the root logger's single stderr handler."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     if under_journal():
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
@@ -96,7 +101,9 @@ def configure(level: str = "info", debug: bool = False, vehicle_id: str | None =
                                       "%Y-%m-%dT%H:%M:%SZ")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
-    handler.addFilter(RateLimitFilter())
+    global rate_limit
+    rate_limit = RateLimitFilter(burst, window_s)
+    handler.addFilter(rate_limit)
     if mask and vehicle_id:
         handler.addFilter(VinMaskFilter(vehicle_id))
     root.addHandler(handler)

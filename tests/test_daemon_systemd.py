@@ -1,0 +1,99 @@
+"""The real daemon under systemd's protocol: READY=1, WATCHDOG=1 from the main loop, STATUS=,
+STOPPING=1, journald-style logging; and the refusal of careless key files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.simulate import write_capture
+from agent.vehicle import load_vehicle
+from test_notify_integration import NotifySocket
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "config" / "demo.yaml"
+
+pytestmark = pytest.mark.mqtt
+
+
+def write_config(tmp_path: Path, pki: Path, port: int, capture: Path, *,
+                 signing_key: Path | None = None) -> Path:
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"""\
+vehicle_id: VIN1
+can: {{capture: {capture}, realtime: true}}
+dbc: [{ROOT / 'dbc' / 'demo_vehicle.dbc'}]
+mapping: {ROOT / 'config' / 'mapping' / 'demo_vehicle.yaml'}
+signing: {{key: {signing_key or pki / 'VIN1.signing.key'}}}
+mqtt: {{host: 127.0.0.1, port: {port}, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'},
+        key: {pki / 'VIN1.key'}}}
+store: {{path: {tmp_path / 'outbox.db'}}}
+logging: {{stats_interval_s: 1, mask_vin: true}}
+""")
+    return config
+
+
+def test_ready_watchdog_status_stopping_over_a_real_notify_socket(tmp_path, pki, broker):
+    capture = tmp_path / "drive.log"
+    write_capture(load_vehicle(DEMO), capture, 30.0, seed=9)
+    config = write_config(tmp_path, pki, broker.port, capture)
+    with NotifySocket(tmp_path) as manager:
+        env = {**os.environ, **manager.env(watchdog_usec=1_000_000), "JOURNAL_STREAM": "8:1234"}
+        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                                 env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            ready = manager.wait_for("READY", "1", timeout=20)
+            assert ready.pid == agent.pid              # NotifyAccess=main holds
+            assert "signals" in ready.get("STATUS", "")
+            pings = manager.collect(3.0, "WATCHDOG")
+            assert len(pings) >= 4                     # every 1/4 of WatchdogSec or more often
+            assert {p.pid for p in pings} == {agent.pid}
+            manager.collect(1.5)                       # stats_interval_s is 1
+            statuses = [n.get("STATUS") for n in manager.messages if "STATUS" in n]
+            assert any("frames/s" in text and "queued" in text for text in statuses), statuses
+            # A stuck main loop stops pinging: this is what systemd's watchdog acts on.
+            agent.send_signal(signal.SIGSTOP)
+            time.sleep(0.3)
+            manager.collect(0.2)
+            assert manager.collect(2.0, "WATCHDOG") == []
+            agent.send_signal(signal.SIGCONT)
+            assert len(manager.collect(2.0, "WATCHDOG")) >= 1
+            agent.send_signal(signal.SIGTERM)
+            manager.wait_for("STOPPING", "1", timeout=20)
+            _, stderr = agent.communicate(timeout=60)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+    assert agent.returncode == 0, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    # journald style: a syslog priority prefix, no timestamp of our own (the journal adds it).
+    assert all(line.startswith(("<3>", "<4>", "<6>", "<7>")) for line in lines[:-1]), lines[:5]
+    assert any(line.startswith("<6>car_agent.daemon: stats:") for line in lines)
+    assert not any(line[3:7].isdigit() and line[7] == "-" for line in lines)
+    # logging.mask_vin: the vehicle id does not appear in the log, its masked form does.
+    assert not any("VIN1" in line for line in lines[:-1])
+    assert any("***1" in line for line in lines)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_key_readable_by_others_is_refused_with_its_mode(tmp_path, pki, broker, mode):
+    key = tmp_path / "signing.key"
+    shutil.copy2(pki / "VIN1.signing.key", key)
+    os.chmod(key, mode)
+    capture = tmp_path / "drive.log"
+    write_capture(load_vehicle(DEMO), capture, 1.0, seed=1)
+    config = write_config(tmp_path, pki, broker.port, capture, signing_key=key)
+    result = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(key) in lines[0] and f"mode {mode:04o}" in lines[0]
+    assert "Traceback" not in result.stderr
