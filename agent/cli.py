@@ -145,6 +145,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  source: capture {config.can.capture}")
     else:
         print(f"  source: {config.can.interface} {config.can.channel or ''}".rstrip())
+    from .errors import KeyFileError
+    from .keyfiles import check_private_key_file
+
+    keys = [("signing.key", config.signing.key)] if config.signing else []
+    keys += [("mqtt.key", config.mqtt.key)] if config.mqtt else []
+    for what, path in keys:
+        try:
+            check_private_key_file(path, what)
+        except KeyFileError as exc:
+            print(f"warning: `run` will refuse this: {exc}", file=sys.stderr)
     if config.mqtt is None:
         print("  uplink: none (mqtt: missing; `decode` still works)")
     else:

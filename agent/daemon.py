@@ -65,6 +65,8 @@ class Agent:
         self.source: FrameSource | None = None
         self.notifier = Notifier.from_environ()
         self._next_cert_check = 0.0
+        self.cert_warning: str | None = None
+        self._last_health: tuple[float, int] | None = None   # (monotonic time, frames)
 
     def request_stop(self, *_: object) -> None:
         self.stop_requested.set()
@@ -147,7 +149,7 @@ class Agent:
         """Log a stats line and publish the metrics topic (bus health, queue, uplink)."""
         now = time.monotonic()
         counters = self.decoder.counters
-        last = getattr(self, "_last_health", None)
+        last = self._last_health
         rate = 0.0
         if last is not None and now > last[0]:
             rate = (counters.frames - last[1]) / (now - last[0])
@@ -174,8 +176,6 @@ class Agent:
                              f"{'connected' if self.uplink.connected.is_set() else 'disconnected'}")
         if now >= self._next_cert_check:
             self._check_certificate()
-
-    cert_warning: str | None = None
 
     def _check_certificate(self) -> None:
         """Warn ahead of the client certificate's expiry (checked at start and daily)."""
