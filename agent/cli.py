@@ -104,10 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vehicle id (certificate CN); repeat for several")
     q.add_argument("--days", type=int, default=365, help="certificate validity (default 365)")
     q.set_defaults(func=cmd_pki_init)
+    q = pki_sub.add_parser(
+        "revoke", help="DEVELOPMENT ONLY: revoke a vehicle's TLS and signing certificates "
+                       "(writes DIR/crl.pem)",
+        description="DEVELOPMENT ONLY: adds the vehicle's TLS client certificate and its "
+                    "signing certificate to DIR/crl.pem, a CRL signed by the unprotected dev "
+                    "CA. mosquitto applies it on SIGHUP (crlfile); `car-agent watch` with "
+                    "`crl:` in its config on the next message. Renew the CRL before its next "
+                    "update: an expired CRL locks every vehicle out.")
+    q.add_argument("directory", type=Path)
+    q.add_argument("--vehicle", action="append", required=True, metavar="VIN",
+                   help="vehicle id to revoke; repeat for several")
+    q.add_argument("--reason", default="unspecified",
+                   help="CRL reason: unspecified (default), key-compromise, superseded, "
+                        "cessation-of-operation, affiliation-changed, ...")
+    q.add_argument("--days", type=int, default=30,
+                   help="the CRL's next update, in days from now (default 30)")
+    q.set_defaults(func=cmd_pki_revoke)
 
     p = sub.add_parser("watch", help="cloud side: subscribe, verify signatures, print state")
     p.add_argument("--config", required=True, type=Path,
-                   help="cloud config (YAML: mqtt {host, port, ca, cert, key}, trust)")
+                   help="cloud config (YAML: mqtt {host, port, ca, cert, key}, trust, "
+                        "optional crl)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=int, help="exit after this many verified messages")
     p.add_argument("--duration", type=_positive_float, help="exit after this many seconds")
@@ -151,6 +169,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     keys = [("signing.key", config.signing.key)] if config.signing else []
     keys += [("mqtt.key", config.mqtt.key)] if config.mqtt else []
     for what, path in keys:
+        if not path.exists():
+            print(f"  {what}: {path} does not exist yet (`run` needs it)")
+            continue
         try:
             check_private_key_file(path, what)
         except KeyFileError as exc:
@@ -259,6 +280,18 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
           f"(DEVELOPMENT ONLY: keys are unprotected files)", file=sys.stderr)
     for path in created:
         print(f"  {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_pki_revoke(args: argparse.Namespace) -> int:
+    from .pki import revoke
+
+    vins = list(dict.fromkeys(args.vehicle))
+    for vin in vins:
+        path = revoke(args.directory, vin, args.reason, days=args.days)
+    print(f"pki: {path}: revoked {', '.join(vins)} (TLS and signing certificates), next update "
+          f"in {args.days} days (DEVELOPMENT ONLY); reload mosquitto (SIGHUP) to apply it",
+          file=sys.stderr)
     return 0
 
 

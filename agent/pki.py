@@ -11,31 +11,50 @@ Layout of the directory (created with mode 0700)::
     cloud.crt cloud.key           TLS client "cloud"
     <VIN>.crt <VIN>.key           TLS client per vehicle
     <VIN>.signing.key             per-vehicle JWS signing key (separate from the TLS key)
-    jwks.json                     public signing keys of all vehicles, each with "vid"
+    <VIN>.signing.crt             its certificate (CN VIN, digitalSignature, EKU documentSigning)
+    jwks.json                     public signing keys of all vehicles, each with "vid" and
+                                  "x5c" (the signing certificate)
+    crl.pem                       CRL of the CA (only after init_crl() or revoke())
 
 Private keys are PKCS#8 PEM, created with mode 0600 from the start (never chmod-ed
 after the secret is on disk); certificates are 0644. Running again keeps every existing
 file and only adds what is missing.
+
+Revocation (:func:`revoke`) lists a vehicle's TLS *and* signing certificates in ``crl.pem``:
+mosquitto refuses the TLS certificate (``crlfile``, re-read on SIGHUP) and the cloud
+verifier (``crl:`` in its config) refuses messages signed with the key.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import KeyFileError, UserError
-from agent.signing import load_private_key, public_jwk, write_jwks
+from agent.signing import DOCUMENT_SIGNING, load_private_key, public_jwk, write_jwks
 
-__all__ = ["init_ca", "init_pki", "issue_client_cert"]
+__all__ = [
+    "CRL_DAYS",
+    "DOCUMENT_SIGNING",
+    "REVOCATION_REASONS",
+    "init_ca",
+    "init_crl",
+    "init_pki",
+    "issue_client_cert",
+    "revoke",
+]
 
 DEFAULT_CA_NAME = "car-agent dev CA"
 CA_DAYS = 3650
@@ -45,6 +64,17 @@ _CLOCK_SKEW = dt.timedelta(minutes=5)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _RESERVED = frozenset({"ca", "broker", "cloud", "jwks"})
 _SIGNING_SUFFIX = ".signing.key"
+_SIGNING_CERT_SUFFIX = ".signing.crt"
+CRL_FILE = "crl.pem"
+#: Default validity of a CRL (its next update). Once past it, mosquitto refuses every
+#: client and the cloud verifier every signed message: re-run revoke()/init_crl() in time.
+CRL_DAYS = 30
+# id-kp-documentSigning (RFC 9336) is the EKU of the vehicles' signing certificates: an EKU
+# that is present but names neither clientAuth, serverAuth nor anyExtendedKeyUsage makes
+# OpenSSL (so mosquitto) refuse the certificate for TLS. With no EKU at all it would be
+# accepted as a TLS client certificate (measured, see notes/mqtt-mtls.md), so a leaked
+# signing key plus its public certificate could log in to the broker as the vehicle.
+# (The OID itself lives in agent.signing, which the verifier shares.)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -231,8 +261,13 @@ def _issue(
     server: bool,
     not_before: dt.datetime,
     not_after: dt.datetime,
+    signing: bool = False,
 ) -> x509.Certificate:
-    eku = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    """A leaf certificate: TLS server, TLS client, or (``signing``) JWS signing."""
+    if signing:
+        eku = DOCUMENT_SIGNING  # not usable for TLS: see DOCUMENT_SIGNING
+    else:
+        eku = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -358,14 +393,55 @@ def issue_client_cert(
 # --------------------------------------------------------------------------- whole PKI
 
 
+def _spki(key: Any) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _ensure_signing_cert(
+    directory: Path,
+    ca: _CA,
+    vin: str,
+    *,
+    days: int,
+    now: dt.datetime | None,
+    created: list[Path],
+) -> None:
+    """Issue ``<VIN>.signing.crt`` for an existing ``<VIN>.signing.key`` if it is missing."""
+    cert_path = directory / f"{vin}{_SIGNING_CERT_SUFFIX}"
+    if cert_path.exists():
+        return
+    key_path = directory / f"{vin}{_SIGNING_SUFFIX}"
+    key = load_private_key(key_path)  # P-256 or Ed25519: both can be certified
+    start, end = _validity(ca, days, now, None, None)
+    cert = _issue(ca, vin, key, server=False, signing=True,  # type: ignore[arg-type]
+                  not_before=start, not_after=end)
+    _write_cert(cert_path, cert)
+    created.append(cert_path)
+
+
 def _write_vehicle_jwks(directory: Path) -> list[str]:
-    """(Re)write jwks.json from every ``<VIN>.signing.key`` present in ``directory``."""
+    """(Re)write jwks.json from every ``<VIN>.signing.key`` present in ``directory``.
+
+    Each key carries ``vid`` and, when ``<VIN>.signing.crt`` exists, ``x5c`` (RFC 7517
+    section 4.7: standard base64 of the DER certificate), which lets a verifier check the
+    key against the CA and its CRL.
+    """
     keys: list[dict[str, Any]] = []
     vins: list[str] = []
     for path in sorted(directory.glob(f"*{_SIGNING_SUFFIX}")):
         vin = path.name[: -len(_SIGNING_SUFFIX)]
-        jwk: dict[str, Any] = public_jwk(load_private_key(path).public_key())
+        public_key = load_private_key(path).public_key()
+        jwk: dict[str, Any] = public_jwk(public_key)
         jwk["vid"] = vin
+        cert_path = directory / f"{vin}{_SIGNING_CERT_SUFFIX}"
+        if cert_path.exists():
+            cert = _load_cert(cert_path)
+            if _spki(cert.public_key()) != _spki(public_key):
+                raise KeyFileError(f"{cert_path}: does not match the key in {path.name}; "
+                                   "remove the certificate and run again")
+            der = cert.public_bytes(serialization.Encoding.DER)
+            jwk["x5c"] = [base64.b64encode(der).decode("ascii")]
         keys.append(jwk)
         vins.append(vin)
     write_jwks(directory / "jwks.json", keys)
@@ -381,8 +457,10 @@ def init_pki(
     """Create (or complete) the development PKI in ``directory``.
 
     DEVELOPMENT ONLY. Idempotent: an existing CA and existing files are kept, so adding
-    a vehicle does not invalidate the others. ``jwks.json`` is always rewritten to list
-    every vehicle whose signing key is in the directory.
+    a vehicle does not invalidate the others. Every signing key in the directory that has
+    no ``<VIN>.signing.crt`` yet gets one (``vehicles_added`` does not count that).
+    ``jwks.json`` is always rewritten to list every vehicle whose signing key is in the
+    directory, with ``x5c`` where its certificate exists.
 
     :returns: ``{"directory": Path, "ca_created": bool, "created": [Path, ...],
         "vehicles_added": [VIN, ...], "jwks": Path, "jwks_vehicles": [VIN, ...]}``.
@@ -417,6 +495,11 @@ def init_pki(
         if len(created) > before:
             added.append(vin)
 
+    # Every signing key in the directory gets its certificate, also those of vehicles not
+    # named in this run and of PKIs made before signing certificates existed.
+    for path in sorted(directory.glob(f"*{_SIGNING_SUFFIX}")):
+        _ensure_signing_cert(directory, ca, path.name[: -len(_SIGNING_SUFFIX)], **common)
+
     jwks_path = directory / "jwks.json"
     jwks_existed = jwks_path.exists()
     jwks_vins = _write_vehicle_jwks(directory)
@@ -430,3 +513,178 @@ def init_pki(
         "jwks": jwks_path,
         "jwks_vehicles": jwks_vins,
     }
+
+
+# --------------------------------------------------------------------------- revocation
+
+#: Reasons ``revoke`` accepts (RFC 5280 CRLReason, kebab-case); ``remove-from-crl`` is
+#: left out: it only exists in delta CRLs.
+REVOCATION_REASONS = tuple(
+    flag.name.replace("_", "-") for flag in x509.ReasonFlags if flag is not x509.ReasonFlags.remove_from_crl
+)
+
+
+def _reason_flag(reason: x509.ReasonFlags | str) -> x509.ReasonFlags:
+    if isinstance(reason, x509.ReasonFlags):
+        flag = reason
+    else:
+        wanted = str(reason).replace("-", "_").lower()
+        matches = [f for f in x509.ReasonFlags if wanted in (f.name, f.value.lower())]
+        if not matches:
+            raise UserError(f"revocation reason {reason!r}: expected one of "
+                            f"{', '.join(REVOCATION_REASONS)}")
+        flag = matches[0]
+    if flag is x509.ReasonFlags.remove_from_crl:
+        raise UserError("revocation reason remove-from-crl is only for delta CRLs")
+    return flag
+
+
+def _read_crl(directory: Path, ca: _CA) -> tuple[list[x509.RevokedCertificate], int]:
+    """The entries and CRL number of ``crl.pem`` (none and 0 if there is no such file)."""
+    path = directory / CRL_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        crl = (x509.load_pem_x509_crl(data) if b"-----BEGIN" in data
+               else x509.load_der_x509_crl(data))
+    except ValueError:
+        raise UserError(f"{path}: not a CRL (PEM or DER); move it away to start a new one") from None
+    if crl.issuer != ca.cert.subject or not crl.is_signature_valid(ca.key.public_key()):
+        raise UserError(f"{path}: not signed by the CA in {directory / 'ca.crt'}; "
+                        "move it away to start a new one")
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = 0
+    return list(crl), number
+
+
+def _write_crl(
+    directory: Path,
+    ca: _CA,
+    entries: list[x509.RevokedCertificate],
+    number: int,
+    *,
+    days: int,
+    now: dt.datetime | None,
+) -> Path:
+    if days < 1:
+        raise UserError(f"CRL validity must be at least 1 day, got {days}")
+    start = _utc(now)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        # Back-dated like the certificates: a peer whose clock lags ours would otherwise
+        # take the CRL as "not yet valid".
+        .last_update(start - _CLOCK_SKEW)
+        .next_update(start + dt.timedelta(days=days))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+                       critical=False)
+    )
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca.key, hashes.SHA256())
+    path = directory / CRL_FILE
+    _replace_public(path, crl.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _replace_public(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically (temp file + rename), mode 0644.
+
+    A broker reloading on SIGHUP or a verifier re-reading the file on change never sees
+    half a CRL.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o644)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def init_crl(
+    directory: Path | str,
+    *,
+    days: int = CRL_DAYS,
+    now: dt.datetime | None = None,
+) -> Path:
+    """Write ``crl.pem``: an empty CRL of the dev CA, or renew the existing one.
+
+    DEVELOPMENT ONLY. mosquitto refuses to start when ``crlfile`` names a missing file,
+    so a broker configured for revocation needs this before anything is revoked. An
+    existing ``crl.pem`` keeps every entry; it is re-signed with a new CRL number and a
+    next update ``days`` from ``now`` (use this to renew a CRL before it expires: an
+    expired CRL locks every client out of the broker).
+
+    :returns: the path of ``crl.pem``.
+    :raises UserError: no CA in ``directory``, or a ``crl.pem`` that is not the CA's.
+    """
+    directory = Path(directory)
+    ca = _load_ca(directory)
+    entries, number = _read_crl(directory, ca)
+    return _write_crl(directory, ca, entries, number + 1, days=days, now=now)
+
+
+def revoke(
+    directory: Path | str,
+    vehicle: str,
+    reason: x509.ReasonFlags | str = x509.ReasonFlags.unspecified,
+    *,
+    days: int = CRL_DAYS,
+    now: dt.datetime | None = None,
+) -> Path:
+    """Revoke a vehicle: add its TLS and signing certificates to ``crl.pem``.
+
+    DEVELOPMENT ONLY. ``crl.pem`` is created if missing; entries already there are kept
+    (revoking again changes nothing but the CRL's number and next update). The CRL is
+    signed by the dev CA, next update ``days`` from ``now``. mosquitto picks it up on
+    SIGHUP (``crlfile``), the cloud verifier (``crl:``) when the file changes.
+
+    :param reason: an :class:`x509.ReasonFlags` or its name (``key-compromise``, ...);
+        ``unspecified`` writes no reason code (RFC 5280 section 5.3.1).
+    :returns: the path of ``crl.pem``.
+    :raises UserError: unknown vehicle, a certificate missing or not from this CA.
+    """
+    _check_name(vehicle, "vehicle id")
+    flag = _reason_flag(reason)
+    directory = Path(directory)
+    ca = _load_ca(directory)
+    tls_path = directory / f"{vehicle}.crt"
+    signing_path = directory / f"{vehicle}{_SIGNING_CERT_SUFFIX}"
+    if not tls_path.exists():
+        raise UserError(f"{tls_path}: not found; no vehicle {vehicle!r} in {directory}")
+    if not signing_path.exists():
+        raise UserError(f"{signing_path}: not found; run `car-agent pki init {directory}` "
+                        "(it issues missing signing certificates), then revoke again")
+    certs = [_load_cert(tls_path), _load_cert(signing_path)]
+    for path, cert in zip((tls_path, signing_path), certs):
+        try:
+            cert.verify_directly_issued_by(ca.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise UserError(f"{path}: not issued by the CA in {directory / 'ca.crt'}") from None
+    entries, number = _read_crl(directory, ca)
+    listed = {entry.serial_number for entry in entries}
+    when = _utc(now)
+    for cert in certs:
+        if cert.serial_number in listed:
+            continue
+        entry = x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(when)
+        if flag is not x509.ReasonFlags.unspecified:
+            entry = entry.add_extension(x509.CRLReason(flag), critical=False)
+        entries.append(entry.build())
+        listed.add(cert.serial_number)
+    return _write_crl(directory, ca, entries, number + 1, days=days, now=now)

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Union
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dh, dsa, ec, ed448, ed25519, rsa, x448, x25519
@@ -38,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from agent.errors import ConfigError, KeyFileError
 
 __all__ = [
+    "DOCUMENT_SIGNING",
     "PrivateKey",
     "PublicKey",
     "Signer",
@@ -55,6 +57,10 @@ PrivateKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
 PublicKey = Union[ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey]
 
 SUPPORTED_ALGS = frozenset({"ES256", "EdDSA"})
+
+#: id-kp-documentSigning (RFC 9336): the extended key usage of a signing key's certificate
+#: (``x5c``). Unlike clientAuth/serverAuth it does not let the certificate do TLS.
+DOCUMENT_SIGNING = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36")
 
 # P-256 coordinates, scalars and Ed25519 public keys are all 32 bytes.
 _P256_SIZE = 32
@@ -434,6 +440,34 @@ def _key_from_jwk(jwk: Any) -> tuple[str, PublicKey]:
     return alg, key
 
 
+def _certificate_from_jwk(jwk: dict[str, Any], key: PublicKey) -> x509.Certificate | None:
+    """The first ``x5c`` certificate of a JWK (None without ``x5c``), or raise :class:`_JwkError`.
+
+    RFC 7517 section 4.7: ``x5c`` is an array of *standard* base64 (not base64url) DER
+    certificates, and the key in the first one MUST match the JWK's key. Only that first
+    certificate is used; whether it is trusted (issuer, validity, revocation) is for the
+    caller to decide.
+    """
+    chain = jwk.get("x5c")
+    if chain is None:
+        return None
+    if not isinstance(chain, list) or not chain or not all(isinstance(c, str) for c in chain):
+        raise _JwkError("'x5c' must be a non-empty array of base64 strings")
+    try:
+        der = base64.b64decode(chain[0], validate=True)
+    except (binascii.Error, ValueError):
+        raise _JwkError("'x5c'[0] is not base64") from None
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cert_key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise _JwkError("'x5c'[0] is not a DER X.509 certificate") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if cert_key.public_bytes(*spki) != key.public_bytes(*spki):
+        raise _JwkError("'x5c'[0] certifies a different key than the JWK's")
+    return cert
+
+
 class Verifier:
     """Verifies JWS compact tokens against a fixed JWK Set, looking keys up by ``kid``."""
 
@@ -454,11 +488,13 @@ class Verifier:
             raise ConfigError(f"{source}: 'keys' is empty; no token could ever verify")
         self._keys: dict[str, tuple[str, PublicKey]] = {}
         self._jwks: dict[str, dict[str, Any]] = {}
+        self._certs: dict[str, x509.Certificate] = {}
         first_index: dict[str, int] = {}
         for index, jwk in enumerate(keys):
             where = f"{source}: keys[{index}]"
             try:
                 alg, key = _key_from_jwk(jwk)
+                cert = _certificate_from_jwk(jwk, key)
             except _JwkError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
             kid = jwk.get("kid")
@@ -471,6 +507,8 @@ class Verifier:
             first_index[kid] = index
             self._keys[kid] = (alg, key)
             self._jwks[kid] = dict(jwk)
+            if cert is not None:
+                self._certs[kid] = cert
 
     @classmethod
     def from_jwks_file(cls, path: str | os.PathLike[str]) -> Verifier:
@@ -505,6 +543,11 @@ class Verifier:
         """The JWK (as given, with extra members such as ``vid``) for ``kid``, or None."""
         jwk = self._jwks.get(kid)
         return None if jwk is None else dict(jwk)
+
+    def certificate(self, kid: str) -> x509.Certificate | None:
+        """The key's certificate (first of its ``x5c``, already checked to hold the key),
+        or None if the JWK has no ``x5c`` or ``kid`` is unknown. Not checked for trust."""
+        return self._certs.get(kid)
 
     def verify(self, token: str | bytes) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return ``(header, claims)`` of a valid token.

@@ -26,7 +26,7 @@ from agent.signing import Signer, Verifier, load_private_key
 
 VINS = ["VIN1", "WVWZZZ1JZ3W386752"]
 KEY_FILES = ["ca.key", "broker.key", "cloud.key"] + [f"{v}.key" for v in VINS] + [f"{v}.signing.key" for v in VINS]
-CERT_FILES = ["ca.crt", "broker.crt", "cloud.crt"] + [f"{v}.crt" for v in VINS]
+CERT_FILES = ["ca.crt", "broker.crt", "cloud.crt"] + [f"{v}.crt" for v in VINS] + [f"{v}.signing.crt" for v in VINS]
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl CLI not installed")
 
@@ -190,7 +190,7 @@ def test_rerun_keeps_ca_and_files_and_adds_vehicles(tmp_path: Path) -> None:
     assert (tmp_path / "ca.key").read_bytes() == ca_key
     assert {n: (tmp_path / n).read_bytes() for n in vin1} == vin1
     assert second["vehicles_added"] == ["VIN2"]
-    assert set(second["created"]) == {tmp_path / n for n in ("VIN2.crt", "VIN2.key", "VIN2.signing.key")}
+    assert set(second["created"]) == {tmp_path / n for n in ("VIN2.crt", "VIN2.key", "VIN2.signing.key", "VIN2.signing.crt")}
     assert second["jwks_vehicles"] == ["VIN1", "VIN2"]
     _cert(tmp_path / "VIN2.crt").verify_directly_issued_by(_cert(tmp_path / "ca.crt"))
 
