@@ -32,7 +32,6 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import KeyFileError, UserError
-from agent.signing import DOCUMENT_SIGNING, load_private_key, public_jwk, write_jwks
+from agent.signing import (
+    DOCUMENT_SIGNING,
+    load_private_key,
+    public_jwk,
+    replace_public_file,
+    write_jwks,
+)
 
 __all__ = [
     "CRL_DAYS",
@@ -590,30 +595,8 @@ def _write_crl(
         builder = builder.add_revoked_certificate(entry)
     crl = builder.sign(ca.key, hashes.SHA256())
     path = directory / CRL_FILE
-    _replace_public(path, crl.public_bytes(serialization.Encoding.PEM))
+    replace_public_file(path, crl.public_bytes(serialization.Encoding.PEM))
     return path
-
-
-def _replace_public(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically (temp file + rename), mode 0644.
-
-    A broker reloading on SIGHUP or a verifier re-reading the file on change never sees
-    half a CRL.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o644)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def init_crl(

@@ -243,14 +243,21 @@ def write_jwks(path: str | os.PathLike[str], jwks: list[dict[str, Any]]) -> None
     The file is replaced atomically (temp file + rename) so a verifier reading it
     concurrently never sees half a key set. It holds public keys only: mode 0644.
     """
-    target = Path(path)
     text = json.dumps({"keys": jwks}, indent=2, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    replace_public_file(Path(path), text.encode("utf-8"))
+
+
+def replace_public_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically (temp file + rename) with public data, mode 0644: a reader
+    (a verifier, a broker reloading on SIGHUP) never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), 0o644)
-            fh.write(text)
-        os.replace(tmp, target)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
