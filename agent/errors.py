@@ -15,3 +15,13 @@ class ConfigError(UserError):
 
 class KeyFileError(UserError):
     """A key or certificate file is missing, malformed or has unsafe permissions."""
+
+
+class TransientError(UserError):
+    """A problem that may go away by itself (the CAN interface is not there yet).
+
+    Exits with 75 (EX_TEMPFAIL) instead of 2, so that a service manager restarts the agent for
+    this but not for a configuration mistake (``RestartPreventExitStatus=2`` in the unit).
+    """
+
+    exit_code = 75

@@ -14,7 +14,7 @@ import can
 
 from .capture import CaptureReader, open_capture
 from .config import CanConfig
-from .errors import UserError
+from .errors import TransientError
 
 log = logging.getLogger("car_agent.source")
 
@@ -75,7 +75,7 @@ class BusSource(FrameSource):
             return can.Bus(**self.kwargs)
         except (can.CanError, OSError, ValueError, ImportError, NotImplementedError) as exc:
             if initial:
-                raise UserError(f"can: cannot open {self.description}: {exc}"
+                raise TransientError(f"can: cannot open {self.description}: {exc}"
                                 f"{socketcan_hint(exc, self.kwargs.get('channel'))}") from None
             return None
 

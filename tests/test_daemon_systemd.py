@@ -97,3 +97,18 @@ def test_a_key_readable_by_others_is_refused_with_its_mode(tmp_path, pki, broker
     assert len(lines) == 1, result.stderr
     assert str(key) in lines[0] and f"mode {mode:04o}" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_missing_can_interface_is_transient_exit_75(tmp_path, pki):
+    """Not there yet (or no SocketCAN at all): exit 75 so systemd retries; a config mistake
+    exits 2, which the unit's RestartPreventExitStatus=2 does not restart."""
+    capture = tmp_path / "unused.log"
+    config = write_config(tmp_path, pki, 1883, capture)
+    text = config.read_text().replace(f"{{capture: {capture}, realtime: true}}",
+                                      "{interface: socketcan, channel: vcan9}")
+    config.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 75, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "can: cannot open socketcan vcan9" in line
