@@ -200,6 +200,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             changes += 1
         out.flush()
         counters = pipeline.decoder.counters
+        error, reader.error = reader.error, None      # reported last, as the command's error
         summary = reader.malformed_summary()
         if summary:
             print(summary, file=sys.stderr)
@@ -209,6 +210,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
               f"{counters.undecodable} undecodable"
               + (f", {reader.other_channel} on other channels" if reader.other_channel else "")
               + f"), {changes} signal changes", file=sys.stderr)
+    if error:
+        # A capture that could not be read to its end: the output above is incomplete.
+        raise UserError(f"{reader.path}: {error}")
     return 0
 
 

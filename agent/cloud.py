@@ -584,7 +584,7 @@ class MessageChecker:
             return _rejected(topic, "unexpected topic (expected "
                                     f"{'/'.join(self.prefix_parts)}/<vid>/events|state|status)")
         vid, leaf = parts[n], parts[n + 1]
-        if not VEHICLE_ID_PATTERN.match(vid):
+        if not VEHICLE_ID_PATTERN.fullmatch(vid):
             return _rejected(topic, "unexpected topic: not a valid vehicle id")
         if leaf not in ("events", "state", "status", "metrics"):
             return _rejected(topic, f"unexpected topic: unknown leaf {leaf[:40]!r} "
@@ -709,6 +709,8 @@ def _claims_problem(claims: dict[str, Any]) -> str | None:
 
 
 def _rejected(topic: str, reason: str, seq: int | None = None) -> dict[str, Any]:
+    # Reasons can quote attacker-controlled text (a header's alg): keep them one line.
+    reason = "".join(c if c.isprintable() else repr(c)[1:-1] for c in reason[:500])
     record: dict[str, Any] = {"topic": topic, "rejected": reason, "verified": False}
     if seq is not None:
         record["seq"] = seq

@@ -109,8 +109,8 @@ def load_config(path: str | Path) -> AgentConfig:
     top.reject_unknown(TOP_KEYS)
 
     vehicle_id = top.text("vehicle_id", required=True)
-    if not VEHICLE_ID_PATTERN.match(vehicle_id):
-        raise top.error("vehicle_id", f"{vehicle_id!r} is not a valid vehicle id "
+    if not VEHICLE_ID_PATTERN.fullmatch(vehicle_id):
+        raise top.error("vehicle_id", f"{vehicle_id[:70]!r} is not a valid vehicle id "
                                       "(1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)")
 
     dbc_value = top.data.get("dbc")

@@ -100,7 +100,10 @@ def _load_one(path: Path, warnings: list[str]) -> cantools.database.Database:
         raise ConfigError(f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"{path}: not a usable DBC file: {_message(exc)}") from None
-    _check_complete(path, fixed, db)
+    try:
+        _check_complete(path, fixed, db)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     warnings.append(f"{path}: loaded without cantools' strict checks ({strict_error})")
     return db
 

@@ -84,7 +84,8 @@ class Decoder:
             where = f"{mapping.file}: signals.{spec.path}"
             message = vdb.find(spec.message)
             if message is None:
-                shown = spec.message if isinstance(spec.message, str) else f"{spec.message:#x}"
+                shown = _shown(spec.message) if isinstance(spec.message, str) \
+                    else f"{spec.message:#x}"
                 raise ConfigError(f"{where}.message: no message {shown} in "
                                   f"{', '.join(str(f) for f in vdb.files)}")
             try:
@@ -240,6 +241,11 @@ class Decoder:
         return lines
 
 
+def _shown(text: str) -> str:
+    """User text in an error message, on one line."""
+    return text if text.isprintable() else repr(text)
+
+
 def _bound_decoder(message: Message, plan: _Plan) -> Callable:
     """The bound decoder of a message; for a message cantools cannot decode as a whole
     (overlapping signals in real DBCs, loaded non-strictly), one over just the mapped signals."""
@@ -328,7 +334,7 @@ def _converter(spec: SignalSpec, signal: Signal, where: str) -> Converter:
             raws = [int(raw) for raw, name in choices.items() if str(name) == key]
             if not raws:
                 known = ", ".join(str(n) for n in choices.values()) or "none"
-                raise ConfigError(f"{where}.values.{key}: not a value of {signal.name} "
+                raise ConfigError(f"{where}.values.{_shown(key)}: not a value of {signal.name} "
                                   f"(its value table: {known})")
             for raw in raws:
                 table[raw] = published

@@ -22,7 +22,7 @@ def load_mapping(path: str | Path) -> Mapping:
         raise signals.error(None, "no signals mapped (expected at least one VSS path)")
     specs = []
     for vss_path in signals.data:
-        if not isinstance(vss_path, str) or not VSS_PATH.match(vss_path):
+        if not isinstance(vss_path, str) or not VSS_PATH.fullmatch(vss_path):
             raise signals.error(str(vss_path), "not a VSS path (expected e.g. "
                                                "Vehicle.Powertrain.FuelSystem.Range)")
         specs.append(_signal(signals.section(vss_path, required=True), vss_path))

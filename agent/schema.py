@@ -60,6 +60,20 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
+#: Longest integer literal accepted: 64-bit values fit; 4,000-digit ones would cost seconds
+#: (or hit Python's int-string limit) and overflow every float conversion after them.
+MAX_INT_LITERAL = 40
+
+
+def _construct_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
+    if len(str(node.value)) > MAX_INT_LITERAL:
+        raise yaml.constructor.ConstructorError(None, None, "integer out of range",
+                                                node.start_mark)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
 
 def load_yaml(path: Path, what: str) -> Any:
     """Parse a YAML file; any failure becomes one ConfigError naming the file (and line)."""
@@ -102,7 +116,8 @@ class Section:
     def where(self, key: str | None = None) -> str:
         if key is None:
             return self.path or "top level"
-        return f"{self.path}.{key}" if self.path else str(key)
+        shown = str(key) if str(key).isprintable() else repr(str(key))   # keep errors one line
+        return f"{self.path}.{shown}" if self.path else shown
 
     def error(self, key: str | None, message: str) -> ConfigError:
         return ConfigError(f"{self.file}: {self.where(key)}: {message}")

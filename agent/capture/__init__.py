@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from pathlib import Path
 
 from ..errors import UserError
@@ -52,8 +53,8 @@ def _sniff_log(path: Path, compressed: bool) -> str:
                 if text.lower().startswith(("date ", "base ", "// ", "begin triggerblock")):
                     return "asc"
                 break
-    except OSError:
-        pass  # open_capture reports the real error
+    except (OSError, EOFError, zlib.error):
+        pass  # the reader reports the real error
     return "candump"
 
 

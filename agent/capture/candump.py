@@ -7,6 +7,7 @@ Also reads CAN FD (``123##1...``), remote (``123#R``) and error frames (id with 
 
 from __future__ import annotations
 
+import zlib
 from typing import Iterator
 
 import can
@@ -21,12 +22,20 @@ MAX_LINE = 1024
 
 class CandumpReader(CaptureReader):
     format = "candump"
+    lines_read = 0
 
     def __iter__(self) -> Iterator[can.Message]:
-        want = self.channel
+        try:
+            yield from self._lines(self.channel)
+        except (OSError, EOFError, zlib.error) as exc:
+            # A truncated or corrupt .gz: what was read stands, the rest is reported.
+            self.error = f"unreadable after line {self.lines_read}: {exc}"
+
+    def _lines(self, want: str | None) -> Iterator[can.Message]:
         number = 0
         for line in self.handle:
             number += 1
+            self.lines_read = number
             if len(line) > MAX_LINE:
                 self._bad(number, "line too long")
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import zlib
 from typing import IO, Iterator
 
 import can
@@ -21,24 +22,32 @@ _ONE_BASED = frozenset(("asc", "blf"))
 
 
 class _CountingLines:
-    """A text file that counts the lines handed out."""
+    """A text file that counts the lines handed out, and ends (remembering why) where the file
+    cannot be read any further (a truncated or corrupt .gz), instead of raising into python-can,
+    which would take it for one bad line and try again forever."""
 
     def __init__(self, handle: IO) -> None:
         self.handle = handle
         self.number = 0
+        self.failed: Exception | None = None
 
     def __iter__(self) -> "_CountingLines":
         return self
 
     def __next__(self) -> str:
-        line = self.handle.readline()
+        line = self.readline()
         if not line:
             raise StopIteration
-        self.number += 1
         return line
 
     def readline(self) -> str:
-        line = self.handle.readline()
+        if self.failed is not None:
+            return ""
+        try:
+            line = self.handle.readline()
+        except (OSError, EOFError, zlib.error) as exc:
+            self.failed = exc
+            return ""
         if line:
             self.number += 1
         return line
@@ -87,6 +96,8 @@ class PythonCanReader(CaptureReader):
             try:
                 msg = next(iterator)
             except StopIteration:
+                if lines.failed is not None:
+                    self.error = f"unreadable after line {lines.number}: {lines.failed}"
                 return
             except Exception as exc:  # noqa: BLE001 - python-can raises ValueError, IndexError...
                 if self.frames == 0 and self.malformed == 0 and str(exc).startswith("File has no"):
