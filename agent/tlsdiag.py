@@ -65,6 +65,9 @@ def describe_connect_error(exc: BaseException, host: str, port: int) -> str:
     where = f"{host}:{port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = exc.verify_message or _short(exc)
+        if "mismatch" in detail.lower():
+            return (f"broker {where} is not trusted: {detail.rstrip('.')} (its certificate "
+                    "names other hosts; check mqtt.host)")
         return f"broker {where} is not trusted: {detail} (check mqtt.ca)"
     if isinstance(exc, ssl.CertificateError):  # hostname mismatch on old Pythons
         return f"broker {where} is not trusted: {_short(exc)} (check mqtt.host and mqtt.ca)"

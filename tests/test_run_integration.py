@@ -304,3 +304,18 @@ def test_credential_rotation_without_restart_loses_nothing(tmp_path, pki, broker
     seqs = {r["seq"] for r in cloud.verified()}
     assert seqs == set(range(1, max(seqs) + 1))
     assert broker.log_text().count("New client connected") >= 0   # broker saw both sessions
+
+
+def test_broker_name_mismatch_is_explained(tmp_path, pki, drive, tmp_path_factory):
+    """A broker on 127.0.0.2 with a certificate for localhost/127.0.0.1/::1: the agent refuses
+    it (host name verification is always on) and says why."""
+    from agent.devbroker import DevBroker
+
+    with DevBroker(pki, tmp_path_factory.mktemp("broker2"), host="127.0.0.2") as other:
+        config = agent_config(tmp_path, pki, other.port, drive)
+        config.write_text(config.read_text().replace("host: 127.0.0.1", "host: 127.0.0.2"))
+        result = run_agent(config, "--drain-timeout", "2")
+    assert result.returncode == 1
+    assert "is not trusted: IP address mismatch, certificate is not valid for '127.0.0.2' " \
+           "(its certificate names other hosts; check mqtt.host)" in result.stderr
+    assert "Traceback" not in result.stderr
