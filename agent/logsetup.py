@@ -108,3 +108,5 @@ def configure(level: str = "info", debug: bool = False, vehicle_id: str | None =
         handler.addFilter(VinMaskFilter(vehicle_id))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else getattr(logging, level.upper(), logging.INFO))
+    # python-can tells "Created a socket" at INFO for every bus; ours say what matters.
+    logging.getLogger("can").setLevel(logging.DEBUG if debug else logging.WARNING)
