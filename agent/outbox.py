@@ -208,11 +208,7 @@ class Outbox:
             count, total = conn.execute(_SQL_TOTALS).fetchone()
             conn.execute(_SQL_COMMIT)
         except BaseException:
-            if conn.in_transaction:
-                try:
-                    conn.execute(_SQL_ROLLBACK)
-                except sqlite3.Error:
-                    pass
+            _rollback_quietly(conn)
             raise
         self._conn = conn
         self.boot = boot
@@ -244,11 +240,7 @@ class Outbox:
             yield conn
             conn.execute(_SQL_COMMIT)
         except BaseException:
-            if conn.in_transaction:
-                try:
-                    conn.execute(_SQL_ROLLBACK)
-                except sqlite3.Error:
-                    pass
+            _rollback_quietly(conn)
             raise
 
     # -- API --------------------------------------------------------------------------------
@@ -396,3 +388,12 @@ class Outbox:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    """Undo an open transaction; a failing rollback must not hide the error being raised."""
+    if conn.in_transaction:
+        try:
+            conn.execute(_SQL_ROLLBACK)
+        except sqlite3.Error:
+            pass

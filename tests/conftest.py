@@ -38,7 +38,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def _require_mosquitto() -> None:
+def require_mosquitto() -> None:
+    """Skip without mosquitto, except in CI, where the integration tests must not vanish."""
     if find_mosquitto() is None:
         if os.environ.get("CI") == "true":
             pytest.fail("mosquitto missing in CI")
@@ -52,7 +53,7 @@ def broker(pki: Path, tmp_path_factory: pytest.TempPathFactory,
 
     On failure its log is attached to the test report (section "mosquitto log").
     """
-    _require_mosquitto()
+    require_mosquitto()
     dev = DevBroker(pki, tmp_path_factory.mktemp("broker"))
     dev.start()
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
 import shutil
 import ssl
 import subprocess
@@ -26,10 +25,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from jwcrypto import jwk as jw_jwk
 from jwcrypto import jws as jw_jws
+from conftest import require_mosquitto
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.cloud import CloudWatcher, CrlTrust, MessageChecker, load_cloud_config
-from agent.devbroker import DevBroker, find_mosquitto
+from agent.devbroker import DevBroker
 from agent.errors import ConfigError, UserError
 from agent.pki import _issue, _load_ca, init_ca, init_crl, init_pki, revoke
 from agent.signing import DOCUMENT_SIGNING, Signer, Verifier, load_private_key
@@ -438,17 +438,10 @@ def test_expired_crl_is_reported_when_the_watcher_is_made(rpki: Path, tmp_path: 
 # --------------------------------------------------------------------------- real broker
 
 
-def _require_mosquitto() -> None:
-    if find_mosquitto() is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mosquitto missing in CI")
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-
-
 @pytest.fixture
 def crl_broker(rpki: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DevBroker]:
     """A DevBroker on ``rpki`` whose listener checks ``crl.pem`` (``crlfile``)."""
-    _require_mosquitto()
+    require_mosquitto()
     # extra_conf lands after the listener's TLS settings, so crlfile applies to it.
     dev = DevBroker(rpki, tmp_path / "broker", extra_conf=f"crlfile {rpki / 'crl.pem'}")
     dev.start()
@@ -529,7 +522,7 @@ def _wait_refused(port: int, ctx_factory: Callable[[], ssl.SSLContext], name: st
 
 def test_broker_needs_the_crl_file(tmp_path: Path) -> None:
     """Why init_crl exists: mosquitto does not start when crlfile names a missing file."""
-    _require_mosquitto()
+    require_mosquitto()
     pki = tmp_path / "pki"
     init_pki(pki, ["VIN1"])
     broker = DevBroker(pki, tmp_path / "broker", extra_conf=f"crlfile {pki / 'crl.pem'}")
@@ -625,7 +618,7 @@ class _Publisher:
 
 def test_watcher_rejects_a_revoked_signing_key_without_restart(rpki: Path,
                                                                tmp_path: Path) -> None:
-    _require_mosquitto()
+    require_mosquitto()
     records: list[dict[str, Any]] = []
     problems: list[str] = []
     cond = threading.Condition()
