@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class Agent:
         self._next_cert_check = 0.0
         self.cert_warning: str | None = None
         self._last_health: tuple[float, int] | None = None   # (monotonic time, frames)
+        self.store_errors = 0
 
     def request_stop(self, *_: object) -> None:
         self.stop_requested.set()
@@ -74,11 +76,18 @@ class Agent:
     def _commit(self, outgoing: list[Outgoing], now: float) -> None:
         topics = self.uplink.topics
         for item in outgoing:
-            if item.kind == "event":
-                self.outbox.add(topics["events"], "event", self.envelopes.event(item.changes))
-            else:
-                self.outbox.add(topics["state"], "state",
-                                self.envelopes.state(self.pipeline.state, now), retain=True)
+            try:
+                if item.kind == "event":
+                    self.outbox.add(topics["events"], "event", self.envelopes.event(item.changes))
+                else:
+                    self.outbox.add(topics["state"], "state",
+                                    self.envelopes.state(self.pipeline.state, now), retain=True)
+            except sqlite3.Error as exc:
+                # Disk full or an I/O error: this message is lost (the next snapshot carries
+                # its values) but the daemon and everything already queued are not.
+                self.store_errors += 1
+                log.error("outbox: cannot store a %s message (%d so far): %s", item.kind,
+                          self.store_errors, exc)
         if outgoing:
             self.uplink.wake()
 
@@ -163,7 +172,7 @@ class Agent:
             "decode": counters.as_dict(),
             "outbox": {"queued": outbox.queued, "bytes": outbox.queued_bytes,
                        "dropped_full": outbox.dropped_full, "dropped_age": outbox.dropped_age,
-                       "refused": outbox.failed},
+                       "refused": outbox.failed, "store_errors": self.store_errors},
         }
         expiry = certificate_expiry(self.config.mqtt.cert)
         metrics["certificate"] = {

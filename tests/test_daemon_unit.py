@@ -322,3 +322,33 @@ def test_missing_signing_key_is_a_key_file_error_naming_the_file(small_setup):
     assert str(missing) in str(info.value)
     assert "not found" in str(info.value)
     assert not (base / "outbox-k.db").exists()
+
+
+def test_a_failing_store_costs_one_message_not_the_daemon(small_setup, monkeypatch):
+    """Disk full while storing: the daemon logs, counts and carries on; what was queued stays."""
+    import sqlite3
+
+    from agent.policy import Outgoing
+    from agent.signals import Change
+
+    base, pki, capture = small_setup
+    config = write_config(base, pki, capture, store=base / "outbox-full.db", port=free_port())
+    agent = Agent(config)
+    try:
+        path = agent.decoder.paths[0]
+        agent._commit([Outgoing("event", (Change(1.0, path, 50.0, "valid"),))], 1.0)
+        assert len(agent.outbox) == 1
+        real_add = agent.outbox.add
+
+        def disk_full(*args, **kwargs):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(agent.outbox, "add", disk_full)
+        agent._commit([Outgoing("event", (Change(2.0, path, 51.0, "valid"),)),
+                       Outgoing("state")], 2.0)
+        assert agent.store_errors == 2
+        monkeypatch.setattr(agent.outbox, "add", real_add)
+        agent._commit([Outgoing("event", (Change(3.0, path, 52.0, "valid"),))], 3.0)
+        assert [e.seq for e in agent.outbox.pending(10)] == [1, 2]
+    finally:
+        agent.outbox.close()
