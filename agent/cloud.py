@@ -62,6 +62,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .config import VEHICLE_ID_PATTERN
 from .errors import ConfigError, KeyFileError, UserError
+from .keyfiles import read_key_material
 from .schema import Section, load_yaml
 from .tlsdiag import (
     ClosingSSLSocket,
@@ -291,12 +292,7 @@ def _serial_text(serial: int) -> str:
 
 
 def _load_ca_bundle(path: Path, where: str) -> list[x509.Certificate]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"{where}: {path}: file not found") from None
-    except OSError as exc:
-        raise KeyFileError(f"{where}: {path}: cannot read: {exc.strerror or exc}") from None
+    data = read_key_material(path, "a PEM CA certificate", where)
     try:
         cas = x509.load_pem_x509_certificates(data)
     except ValueError:

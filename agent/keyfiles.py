@@ -32,6 +32,22 @@ CREDENTIALS_VARIABLE = "CREDENTIALS_DIRECTORY"
 _CREDENTIALS_PREFIX = "${" + CREDENTIALS_VARIABLE + "}/"
 
 
+# --------------------------------------------------------------------------- reading
+
+def read_key_material(path: Path, expected: str, where: str | None = None) -> bytes:
+    """The bytes of a key or certificate file; KeyFileError naming it (and ``where``, the
+    config key it came from) when it is missing, a directory or unreadable."""
+    prefix = f"{where}: {path}" if where else f"{path}"
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"{prefix}: file not found") from None
+    except IsADirectoryError:
+        raise KeyFileError(f"{prefix}: is a directory, expected {expected}") from None
+    except OSError as exc:
+        raise KeyFileError(f"{prefix}: cannot read: {exc.strerror or exc}") from None
+
+
 # --------------------------------------------------------------------------- permissions
 
 def check_private_key_file(path: Path, what: str, *,

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import KeyFileError, UserError
+from agent.keyfiles import read_key_material
 from agent.signing import (
     DOCUMENT_SIGNING,
     load_private_key,
@@ -137,12 +138,7 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
 
 
 def _load_cert(path: Path) -> x509.Certificate:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data = read_key_material(path, "a PEM certificate")
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError:

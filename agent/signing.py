@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from agent.errors import ConfigError, KeyFileError
+from agent.keyfiles import read_key_material
 
 __all__ = [
     "DOCUMENT_SIGNING",
@@ -147,14 +148,7 @@ def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
     :raises KeyFileError: ``"<path>: <what is wrong>"`` for a missing or unreadable
         file, data that is not a PEM private key, or an unsupported key type.
     """
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise KeyFileError(f"{path}: is a directory, expected a PEM private key file") from None
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data = read_key_material(Path(path), "a PEM private key file")
     if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data:
         raise KeyFileError(f"{path}: key is encrypted; an unencrypted PKCS#8 PEM key is required")
     if b"-----BEGIN" not in data:

@@ -53,8 +53,12 @@ def broker(pki: Path, tmp_path_factory: pytest.TempPathFactory,
 
     On failure its log is attached to the test report (section "mosquitto log").
     """
+    yield from running_broker(DevBroker(pki, tmp_path_factory.mktemp("broker")), request)
+
+
+def running_broker(dev: DevBroker, request: pytest.FixtureRequest) -> Iterator[DevBroker]:
+    """Start ``dev`` for one test, stop it afterwards, attach its log if the test failed."""
     require_mosquitto()
-    dev = DevBroker(pki, tmp_path_factory.mktemp("broker"))
     dev.start()
     try:
         yield dev

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from jwcrypto import jwk as jw_jwk
 from jwcrypto import jws as jw_jws
-from conftest import require_mosquitto
+from conftest import require_mosquitto, running_broker
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.cloud import CloudWatcher, CrlTrust, MessageChecker, load_cloud_config
@@ -441,17 +441,9 @@ def test_expired_crl_is_reported_when_the_watcher_is_made(rpki: Path, tmp_path: 
 @pytest.fixture
 def crl_broker(rpki: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DevBroker]:
     """A DevBroker on ``rpki`` whose listener checks ``crl.pem`` (``crlfile``)."""
-    require_mosquitto()
     # extra_conf lands after the listener's TLS settings, so crlfile applies to it.
     dev = DevBroker(rpki, tmp_path / "broker", extra_conf=f"crlfile {rpki / 'crl.pem'}")
-    dev.start()
-    try:
-        yield dev
-    finally:
-        dev.stop()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            request.node.add_report_section("teardown", "mosquitto log", dev.log_text()[-20000:])
+    yield from running_broker(dev, request)
 
 
 def _context(pki: Path, name: str, *, tls12: bool = False) -> ssl.SSLContext:
