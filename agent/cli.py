@@ -9,9 +9,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import __version__
-from . import logsetup
-from .errors import UserError
+from agent import __version__
+from agent.service import logsetup
+from agent.errors import UserError
 
 log = logging.getLogger("car_agent")
 
@@ -144,7 +144,7 @@ def _positive_float(text: str) -> float:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .vehicle import load_vehicle
+    from agent.signals.vehicle import load_vehicle
 
     vehicle = load_vehicle(args.config)
     config = vehicle.config
@@ -163,8 +163,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  source: capture {config.can.capture}")
     else:
         print(f"  source: {config.can.interface} {config.can.channel or ''}".rstrip())
-    from .errors import KeyFileError
-    from .keyfiles import check_private_key_file
+    from agent.errors import KeyFileError
+    from agent.uplink.keyfiles import check_private_key_file
 
     keys = [("signing.key", config.signing.key)] if config.signing else []
     keys += [("mqtt.key", config.mqtt.key)] if config.mqtt else []
@@ -185,9 +185,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from .capture import open_capture
-    from .state import SignalPipeline
-    from .vehicle import load_vehicle
+    from agent.can.capture import open_capture
+    from agent.signals.state import SignalPipeline
+    from agent.signals.vehicle import load_vehicle
 
     vehicle = load_vehicle(args.config)
     pipeline = SignalPipeline(vehicle.decoder())
@@ -217,8 +217,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .simulate import write_capture
-    from .vehicle import load_vehicle
+    from agent.dev.simulate import write_capture
+    from agent.signals.vehicle import load_vehicle
 
     vehicle = load_vehicle(args.config)
     target = sys.stdout if args.out == "-" else Path(args.out)
@@ -234,7 +234,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import run
+    from agent.service.daemon import run
 
     result = run(args.config, args.drain_timeout, debug=args.debug)
     print(f"car-agent run: {result.message}", file=sys.stderr)
@@ -244,7 +244,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     import signal as signals
 
-    from . import replay as rp
+    from agent.dev import replay as rp
 
     if args.loop < 1:
         raise UserError("--loop: expected 1 or more")
@@ -276,7 +276,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
-    from .pki import init_pki
+    from agent.dev.pki import init_pki
 
     result = init_pki(args.directory, args.vehicle, days=args.days)
     created = result.get("created", [])
@@ -288,7 +288,7 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_revoke(args: argparse.Namespace) -> int:
-    from .pki import revoke
+    from agent.dev.pki import revoke
 
     vins = list(dict.fromkeys(args.vehicle))
     for vin in vins:
@@ -300,7 +300,7 @@ def cmd_pki_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .cloud import watch_main
+    from agent.cloud.watch import watch_main
 
     return watch_main(args.config, json_lines=args.json, count=args.count,
                       duration=args.duration)

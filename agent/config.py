@@ -11,13 +11,33 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
-from .policy import PolicyConfig
-from .schema import Section, describe, load_yaml
+from agent.errors import ConfigError
+from agent.schema import Section, describe, load_yaml
 
 #: Vehicle ids end up in MQTT topics and certificate CNs: no wildcards, separators or spaces.
 VEHICLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CAPTURE_FORMATS = ("candump", "asc", "blf", "trc")
+
+# The publish policy's knobs (agent.signals.policy applies them).
+DEFAULT_IMMEDIATE = ("*.IsOpen", "*.IsLocked", "*.Window.Position", "*.IsFuelLevelLow",
+                     "Vehicle.Cabin.Sunroof.Position")
+DEFAULT_DEADBANDS = (
+    ("Vehicle.Powertrain.FuelSystem.RelativeLevel", 1.0),    # %
+    ("Vehicle.Powertrain.FuelSystem.AbsoluteLevel", 1.0),    # l
+    ("Vehicle.Powertrain.FuelSystem.Range", 1000.0),         # m
+    ("Vehicle.Exterior.AirTemperature", 0.5),                # degC
+)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    immediate: tuple[str, ...] = DEFAULT_IMMEDIATE
+    deadband: tuple[tuple[str, float], ...] = DEFAULT_DEADBANDS
+    min_interval_s: float = 10.0
+    snapshot_min_interval_s: float = 5.0
+    heartbeat_s: float = 60.0
+    max_messages_per_s: float = 5.0
+    max_pending_batches: int = 1000
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,18 @@ with typed, frozen dataclasses and trusts them.
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
-from .errors import ConfigError
-from .keyfiles import expand_credentials_path
+from agent.errors import ConfigError
 
 #: Refuse files larger than this before parsing them (a config is a few KiB).
+CREDENTIALS_VARIABLE = "CREDENTIALS_DIRECTORY"
+CREDENTIALS_PREFIX = "${" + CREDENTIALS_VARIABLE + "}/"
 MAX_YAML_BYTES = 4 * 1024 * 1024
 
 
@@ -222,3 +224,38 @@ def _kind_name(kind: type | tuple) -> str:
             return "a string"
         return " or ".join(names.get(k, k.__name__) for k in kind)
     return names.get(kind, kind.__name__)
+
+
+def expand_credentials_path(value: str, where: str = "",
+                            environ: dict[str, str] | None = None, *,
+                            unset_ok: bool = False) -> str:
+    """Expand a leading ``${CREDENTIALS_DIRECTORY}/`` in a config path; other text unchanged.
+
+    Only this one variable, only at the start: config paths are not shell strings.
+    ``where`` prefixes the error (e.g. ``"config.yaml: mqtt.key"``). With ``unset_ok`` a path
+    using the variable while it is not set is returned unchanged, so that commands which never
+    open the file (``decode``, ``check-config``) work outside systemd;
+    :func:`check_private_key_file` then names the problem if the key is needed.
+
+    :raises ConfigError: if the path uses the variable and it is not set (not started by
+        systemd with ``LoadCredential=``) and not ``unset_ok``, if it names nothing after it,
+        or if another ``${...}`` appears in the path.
+    """
+    if not value.startswith(CREDENTIALS_PREFIX):
+        if "${" in value:
+            raise ConfigError(f"{where + ': ' if where else ''}{value!r}: only "
+                              f"${{{CREDENTIALS_VARIABLE}}}/ at the start of a path is expanded")
+        return value
+    env = os.environ if environ is None else environ
+    base = env.get(CREDENTIALS_VARIABLE)
+    rest = value[len(CREDENTIALS_PREFIX):]
+    prefix = f"{where}: " if where else ""
+    if not rest or rest.startswith("/"):
+        raise ConfigError(f"{prefix}{value!r}: expected ${{{CREDENTIALS_VARIABLE}}}/<name>")
+    if not base:
+        if unset_ok:
+            return value
+        raise ConfigError(f"{prefix}{value!r} uses ${{{CREDENTIALS_VARIABLE}}}, which is not set "
+                          "(systemd sets it for a unit with LoadCredential=; outside systemd "
+                          "give the key's real path)")
+    return os.path.join(base, rest)

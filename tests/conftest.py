@@ -17,8 +17,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.devbroker import DevBroker, find_mosquitto
-from agent.pki import init_pki
+from agent.dev.broker import DevBroker, find_mosquitto
+from agent.dev.pki import init_pki
 
 VEHICLES = ["VIN1", "VIN2"]
 

@@ -56,7 +56,7 @@ CLOSED, OPEN, ERROR, SNA = 0, 1, 2, 3
 @functools.lru_cache(maxsize=1)
 def demo_vehicle():
     """The demo vehicle (config + DBC + mapping); callers take fresh decoders from it."""
-    from agent.vehicle import load_vehicle
+    from agent.signals.vehicle import load_vehicle
 
     return load_vehicle(DEMO_CONFIG)
 

@@ -1,4 +1,4 @@
-"""agent.capture: candump -L, Vector ASC, PEAK TRC and BLF readers (streaming, line-aware)."""
+"""agent.can.capture: candump -L, Vector ASC, PEAK TRC and BLF readers (streaming, line-aware)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 import can
 import pytest
 
-from agent.capture import detect_format, format_candump, open_capture
-from agent.capture.base import FIRST_MALFORMED
-from agent.capture.candump import CandumpReader
-from agent.capture.pythoncan import PythonCanReader
+from agent.can.capture import detect_format, format_candump, open_capture
+from agent.can.capture.base import FIRST_MALFORMED
+from agent.can.capture.candump import CandumpReader
+from agent.can.capture.pythoncan import PythonCanReader
 from agent.errors import UserError
-from agent.signals import VALID
-from agent.state import SignalPipeline
+from agent.signals.model import VALID
+from agent.signals.state import SignalPipeline
 from coredata import REL, cluster_payload, demo_decoder, write
 
 

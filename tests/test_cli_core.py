@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from agent.simulate import write_capture
+from agent.dev.simulate import write_capture
 from coredata import DEMO_DBC, DEMO_MAPPING, REPO, demo_vehicle, write
 
 

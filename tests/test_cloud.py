@@ -17,20 +17,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.cloud import (
-    MAX_PAYLOAD_BYTES,
-    CloudWatcher,
-    MessageChecker,
-    SeqTracker,
-    describe_tls_alert,
-    format_human,
-    load_cloud_config,
-    watch_main,
-)
+from agent.cloud.checks import MAX_PAYLOAD_BYTES, MessageChecker, SeqTracker
+from agent.cloud.config import load_cloud_config
+from agent.cloud.watch import CloudWatcher, format_human, watch_main
+from agent.uplink.tlsdiag import describe_tls_alert
 from agent.errors import ConfigError, KeyFileError, UserError
-from agent.pki import init_pki, issue_client_cert
-from agent.signing import Signer, Verifier, b64url_decode, b64url_encode, public_jwk
-from agent.devbroker import free_port
+from agent.dev.pki import init_pki, issue_client_cert
+from agent.uplink.signing import Signer, Verifier, b64url_decode, b64url_encode, public_jwk
+from agent.dev.broker import free_port
 
 RANGE = "Vehicle.Powertrain.FuelSystem.Range"
 DOOR = "Vehicle.Cabin.Door.Row1.DriverSide.IsOpen"

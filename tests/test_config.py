@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agent.config import load_config
 from agent.errors import ConfigError, UserError
-from agent.mapping import load_mapping
+from agent.signals.mapping import load_mapping
 from agent.schema import load_yaml
 from coredata import DEMO_CONFIG, REPO, one_line, write
 

@@ -34,13 +34,14 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from agent.cloud import CloudWatcher, load_cloud_config
-from agent.devbroker import free_port
-from agent.outbox import Outbox
-from agent.pki import init_pki
-from agent.signing import Verifier
-from agent.simulate import write_capture
-from agent.vehicle import load_vehicle
+from agent.cloud.config import load_cloud_config
+from agent.cloud.watch import CloudWatcher
+from agent.dev.broker import free_port
+from agent.uplink.outbox import Outbox
+from agent.dev.pki import init_pki
+from agent.uplink.signing import Verifier
+from agent.dev.simulate import write_capture
+from agent.signals.vehicle import load_vehicle
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo.yaml"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.simulate import write_capture
-from agent.vehicle import load_vehicle
+from agent.dev.simulate import write_capture
+from agent.signals.vehicle import load_vehicle
 from test_notify_integration import NotifySocket
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""agent.daemon in-process, with no broker: a capture replayed as fast as possible, MQTT pointed at
+"""agent.service.daemon in-process, with no broker: a capture replayed as fast as possible, MQTT pointed at
 a loopback port where nothing listens. Every signed message must stay in the outbox, in order,
 verifiable, and saying what an offline decode of the same capture says.
 
@@ -18,17 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import open_capture
-from agent.daemon import Agent, run
+from agent.can.capture import open_capture
+from agent.service.daemon import Agent, run
 from agent.errors import ConfigError, KeyFileError
-from agent.outbox import Entry, Outbox
-from agent.pki import init_pki
-from agent.policy import PolicyConfig, PublishPolicy
-from agent.signals import STALE, VALID
-from agent.signing import Verifier
-from agent.simulate import write_capture
-from agent.state import SignalPipeline, VehicleState
-from agent.vehicle import load_vehicle
+from agent.uplink.outbox import Entry, Outbox
+from agent.dev.pki import init_pki
+from agent.config import PolicyConfig
+from agent.signals.policy import PublishPolicy
+from agent.signals.model import STALE, VALID
+from agent.uplink.signing import Verifier
+from agent.dev.simulate import write_capture
+from agent.signals.state import SignalPipeline, VehicleState
+from agent.signals.vehicle import load_vehicle
 from coredata import DEMO_CONFIG, DEMO_DBC, DEMO_MAPPING, IS_LOCKED, IS_OPEN, WINDOWS
 
 VID = "VIN1"
@@ -328,8 +329,8 @@ def test_a_failing_store_costs_one_message_not_the_daemon(small_setup, monkeypat
     """Disk full while storing: the daemon logs, counts and carries on; what was queued stays."""
     import sqlite3
 
-    from agent.policy import Outgoing
-    from agent.signals import Change
+    from agent.signals.policy import Outgoing
+    from agent.signals.model import Change
 
     base, pki, capture = small_setup
     config = write_config(base, pki, capture, store=base / "outbox-full.db", port=free_port())

@@ -1,4 +1,4 @@
-"""agent.dbc: loading real and broken DBC files, and decoding real messages of real DBCs.
+"""agent.can.dbc: loading real and broken DBC files, and decoding real messages of real DBCs.
 
 The real DBCs are the opendbc files in ../shared/data (read in place, never copied here).
 """
@@ -11,10 +11,10 @@ from pathlib import Path
 import cantools
 import pytest
 
-from agent.dbc import EXTENDED_KEY, load_dbcs
-from agent.decode import Decoder
+from agent.can.dbc import EXTENDED_KEY, load_dbcs
+from agent.signals.decoder import Decoder
 from agent.errors import ConfigError
-from agent.mapping import load_mapping
+from agent.signals.mapping import load_mapping
 from coredata import DBC_HEADER, DEMO_DBC, SHARED_DATA, frame, needs_shared_data, one_line, write
 
 VW = SHARED_DATA / "vw_mqb.dbc"

@@ -1,4 +1,4 @@
-"""agent.decode.Decoder with the demo vehicle: known frames -> known published values."""
+"""agent.signals.decoder.Decoder with the demo vehicle: known frames -> known published values."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.dbc import EXTENDED_KEY, load_dbcs
-from agent.decode import Decoder
-from agent.mapping import load_mapping
-from agent.signals import INVALID, QUALITIES, VALID
+from agent.can.dbc import EXTENDED_KEY, load_dbcs
+from agent.signals.decoder import Decoder
+from agent.signals.mapping import load_mapping
+from agent.signals.model import INVALID, QUALITIES, VALID
 from coredata import (ABS, AIR, AMBIENT_ID, BODY_ID, CLOSED, CLUSTER_ID, CLUSTER_PATHS,
                       DBC_HEADER, DEMO_DBC, ERROR, HOOD, IS_LOCKED, IS_OPEN, LOW, OPEN, RANGE,
                       REL, SNA, TRUNK, WINDOW_ID, WINDOWS, ambient, ambient_payload, body,

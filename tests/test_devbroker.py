@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import agent.devbroker as devbroker
-from agent.devbroker import DevBroker, free_port
+import agent.dev.broker as devbroker
+from agent.dev.broker import DevBroker, free_port
 
 NOT_AUTHORIZED = 0x87
 
@@ -144,7 +144,7 @@ def test_broker_dies_with_its_parent(pki: Path, tmp_path: Path) -> None:
         pytest.skip("mosquitto is not installed")
     script = textwrap.dedent(f"""
         import sys, time
-        from agent.devbroker import DevBroker
+        from agent.dev.broker import DevBroker
         dev = DevBroker({str(pki)!r}, {str(tmp_path)!r}).start()
         print(dev.pid, flush=True)
         time.sleep(60)

@@ -1,7 +1,7 @@
-"""agent.envelope: the signed claims, checked with jwcrypto (an independent JOSE library).
+"""agent.uplink.envelope: the signed claims, checked with jwcrypto (an independent JOSE library).
 
 Envelopes are built exactly as the daemon builds them: a payload factory handed to a real
-:class:`agent.outbox.Outbox`, which allocates ``seq`` inside its transaction. Clocks are
+:class:`agent.uplink.outbox.Outbox`, which allocates ``seq`` inside its transaction. Clocks are
 injected so ``ts`` is exact.
 """
 
@@ -15,12 +15,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from jwcrypto import jwk, jws
 
-from agent.envelope import Envelopes
-from agent.outbox import Outbox
-from agent.pki import init_pki
-from agent.signals import INVALID, STALE, VALID, Change
-from agent.signing import Signer
-from agent.state import VehicleState
+from agent.uplink.envelope import Envelopes
+from agent.uplink.outbox import Outbox
+from agent.dev.pki import init_pki
+from agent.signals.model import INVALID, STALE, VALID, Change
+from agent.uplink.signing import Signer
+from agent.signals.state import VehicleState
 from coredata import AIR, HOOD, IS_LOCKED, IS_OPEN, LOW, RANGE, REL, TRUNK, WINDOWS, demo_decoder
 
 VID = "VIN1"

@@ -45,18 +45,19 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis.errors import InvalidArgument
 from hypothesis import strategies as st
 
-from agent.capture import open_capture
-from agent.cloud import MAX_PAYLOAD_BYTES, MAX_SEQ, MessageChecker, format_human
+from agent.can.capture import open_capture
+from agent.cloud.checks import MAX_PAYLOAD_BYTES, MAX_SEQ, MessageChecker
+from agent.cloud.watch import format_human
 from agent.config import VEHICLE_ID_PATTERN, load_config
-from agent.dbc import load_dbcs
+from agent.can.dbc import load_dbcs
 from agent.errors import ConfigError, UserError
-from agent.mapping import load_mapping
-from agent.pki import init_pki
+from agent.signals.mapping import load_mapping
+from agent.dev.pki import init_pki
 from agent.schema import load_yaml
-from agent.signals import INVALID, KNOWN_VSS, QUALITIES, STALE, VALID
-from agent.signing import Signer, Verifier, b64url_encode
-from agent.state import SignalPipeline
-from agent.vehicle import load_vehicle
+from agent.signals.model import INVALID, KNOWN_VSS, QUALITIES, STALE, VALID
+from agent.uplink.signing import Signer, Verifier, b64url_encode
+from agent.signals.state import SignalPipeline
+from agent.signals.vehicle import load_vehicle
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -1246,14 +1247,14 @@ def test_pipeline_valid_frames_publish_expected_types(payloads):
 
 def test_agent_subscribes_to_nothing(work):
     """The agent publishes only: no subscribe call, no on_message handler, anywhere."""
-    import agent.daemon
-    import agent.source
-    import agent.uplink
-    from agent.devbroker import free_port
-    from agent.outbox import Outbox
-    from agent.uplink import Uplink
+    import agent.can.source
+    import agent.service.daemon
+    import agent.uplink.mqtt
+    from agent.dev.broker import free_port
+    from agent.uplink.outbox import Outbox
+    from agent.uplink.mqtt import Uplink
 
-    for module in (agent.uplink, agent.daemon, agent.source):
+    for module in (agent.uplink.mqtt, agent.service.daemon, agent.can.source):
         source = inspect.getsource(module)
         assert "subscribe" not in source and "on_message" not in source, module.__name__
 

@@ -1,4 +1,4 @@
-"""agent.keyfiles: private key permission checks, certificate expiry warnings, rotation watch."""
+"""agent.uplink.keyfiles: private key permission checks, certificate expiry warnings, rotation watch."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ConfigError, KeyFileError
-from agent.keyfiles import (FileWatcher, certificate_expiry_warning, check_private_key_file,
-                            expand_credentials_path)
-from agent.pki import init_ca, issue_client_cert
+from agent.schema import expand_credentials_path
+from agent.uplink.keyfiles import FileWatcher, certificate_expiry_warning, check_private_key_file
+from agent.dev.pki import init_ca, issue_client_cert
 
 NOW = dt.datetime(2030, 6, 1, 12, 0, tzinfo=dt.timezone.utc)
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from agent import logsetup
+from agent.service import logsetup
 
 
 @pytest.fixture

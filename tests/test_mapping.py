@@ -1,14 +1,14 @@
-"""agent.mapping (YAML -> Mapping) and binding a mapping to the DBC (agent.decode.Decoder)."""
+"""agent.signals.mapping (YAML -> Mapping) and binding a mapping to the DBC (agent.decode.Decoder)."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.dbc import load_dbcs
-from agent.decode import Decoder
+from agent.can.dbc import load_dbcs
+from agent.signals.decoder import Decoder
 from agent.errors import ConfigError
-from agent.mapping import load_mapping
-from agent.signals import KNOWN_VSS, Mapping, SignalSpec
+from agent.signals.mapping import load_mapping
+from agent.signals.model import KNOWN_VSS, Mapping, SignalSpec
 from coredata import (ALL_DEMO_PATHS, CLUSTER_ID, DEMO_DBC, DEMO_MAPPING, WINDOWS, cluster,
                       one_line, write)
 

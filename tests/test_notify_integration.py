@@ -140,7 +140,7 @@ class NotifySocket:
 # iteration (as the daemon does), STOPPING=1 on SIGTERM.
 CHILD = textwrap.dedent("""
     import signal, sys, time
-    from agent.sdnotify import Notifier
+    from agent.service.sdnotify import Notifier
 
     stop = False
     def on_term(*_):

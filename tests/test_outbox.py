@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from agent.errors import ConfigError
-from agent.outbox import Entry, Outbox
+from agent.uplink.outbox import Entry, Outbox
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -301,7 +301,7 @@ def test_pending_limit_and_exclude(tmp_path):
 
 CHILD = r"""
 import sys
-from agent.outbox import Outbox
+from agent.uplink.outbox import Outbox
 ob = Outbox(sys.argv[1])
 print("boot", ob.boot, flush=True)
 while True:

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import KeyFileError, UserError
-from agent.pki import init_ca, init_pki, issue_client_cert
-from agent.signing import Signer, Verifier, load_private_key
+from agent.dev.pki import init_ca, init_pki, issue_client_cert
+from agent.uplink.signing import Signer, Verifier, load_private_key
 
 VINS = ["VIN1", "WVWZZZ1JZ3W386752"]
 KEY_FILES = ["ca.key", "broker.key", "cloud.key"] + [f"{v}.key" for v in VINS] + [f"{v}.signing.key" for v in VINS]

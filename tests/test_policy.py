@@ -1,4 +1,4 @@
-"""agent.policy (PublishPolicy) and the ``policy:`` section of the config.
+"""agent.signals.policy (PublishPolicy) and the ``policy:`` section of the config.
 
 The policy is pure: every test passes the source's time in explicitly (``observe`` takes
 changes stamped with it, ``due(now)`` / ``flush(now)`` take it as an argument); nothing here
@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 
 from agent.config import load_config
 from agent.errors import ConfigError
-from agent.policy import DEFAULT_DEADBANDS, DEFAULT_IMMEDIATE, Outgoing, PolicyConfig, PublishPolicy
-from agent.signals import INVALID, STALE, VALID, Change
+from agent.config import DEFAULT_DEADBANDS, DEFAULT_IMMEDIATE, PolicyConfig
+from agent.signals.policy import Outgoing, PublishPolicy
+from agent.signals.model import INVALID, STALE, VALID, Change
 from coredata import (ABS, AIR, HOOD, IS_LOCKED, IS_OPEN, LOW, REL, RANGE, REPO, TRUNK,
                       WINDOWS, one_line, write)
 

@@ -1,4 +1,4 @@
-"""agent.replay and `car-agent replay` on the host, through python-can's in-process `virtual` bus.
+"""agent.dev.replay and `car-agent replay` on the host, through python-can's in-process `virtual` bus.
 
 The real-kernel vcan tests live in tests/guest; these run anywhere. A receiver is opened on a
 uniquely named virtual channel *before* the replay, then drained: the virtual bus delivers
@@ -23,9 +23,9 @@ from pathlib import Path
 import can
 import pytest
 
-from agent.capture import format_candump
+from agent.can.capture import format_candump
 from agent.errors import UserError
-from agent.replay import (
+from agent.dev.replay import (
     Flood,
     Gap,
     ReplayOptions,

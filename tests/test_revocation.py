@@ -28,12 +28,15 @@ from jwcrypto import jws as jw_jws
 from conftest import require_mosquitto, running_broker
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.cloud import CloudWatcher, CrlTrust, MessageChecker, load_cloud_config
-from agent.devbroker import DevBroker
+from agent.cloud.checks import MessageChecker
+from agent.cloud.config import load_cloud_config
+from agent.cloud.revocation import CrlTrust
+from agent.cloud.watch import CloudWatcher
+from agent.dev.broker import DevBroker
 from agent.errors import ConfigError, UserError
-from agent.pki import _issue, _load_ca, init_ca, init_crl, init_pki, revoke
-from agent.signing import DOCUMENT_SIGNING, Signer, Verifier, load_private_key
-from agent.tlsdiag import ClosingSSLSocket, describe_connect_error, probe_tls12
+from agent.dev.pki import _issue, _load_ca, init_ca, init_crl, init_pki, revoke
+from agent.uplink.signing import DOCUMENT_SIGNING, Signer, Verifier, load_private_key
+from agent.uplink.tlsdiag import ClosingSSLSocket, describe_connect_error, probe_tls12
 
 VINS = ["VIN1", "VIN2"]
 RANGE = "Vehicle.Powertrain.FuelSystem.Range"

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from jwcrypto import jwk, jws
 
-from agent.cloud import CloudWatcher, load_cloud_config
-from agent.pki import init_pki, issue_client_cert
-from agent.simulate import write_capture
-from agent.state import SignalPipeline
-from agent.vehicle import load_vehicle
-from agent.capture import open_capture
+from agent.cloud.config import load_cloud_config
+from agent.cloud.watch import CloudWatcher
+from agent.dev.pki import init_pki, issue_client_cert
+from agent.dev.simulate import write_capture
+from agent.signals.state import SignalPipeline
+from agent.signals.vehicle import load_vehicle
+from agent.can.capture import open_capture
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo.yaml"
@@ -260,7 +261,7 @@ def test_acl_denial_is_a_failure_not_a_delivery(tmp_path, pki, broker, cloud_con
     assert "stay queued" in result.stderr
     assert cloud.verified() == []
     # Nothing was deleted from the outbox: every message is still there for a later retry.
-    from agent.outbox import Outbox
+    from agent.uplink.outbox import Outbox
     with Outbox(tmp_path / "outbox.db") as outbox:
         stats = outbox.stats()
         assert stats.delivered == 0
@@ -309,7 +310,7 @@ def test_credential_rotation_without_restart_loses_nothing(tmp_path, pki, broker
 def test_broker_name_mismatch_is_explained(tmp_path, pki, drive, tmp_path_factory):
     """A broker on 127.0.0.2 with a certificate for localhost/127.0.0.1/::1: the agent refuses
     it (host name verification is always on) and says why."""
-    from agent.devbroker import DevBroker
+    from agent.dev.broker import DevBroker
 
     with DevBroker(pki, tmp_path_factory.mktemp("broker2"), host="127.0.0.2") as other:
         config = agent_config(tmp_path, pki, other.port, drive)

@@ -1,4 +1,4 @@
-"""agent.sdnotify against real unix datagram sockets (a path in tmp_path and an abstract one)."""
+"""agent.service.sdnotify against real unix datagram sockets (a path in tmp_path and an abstract one)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sdnotify import Notifier
+from agent.service.sdnotify import Notifier
 
 
 def _bound(address: str | bytes) -> socket.socket:

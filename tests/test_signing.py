@@ -19,7 +19,7 @@ from jwcrypto import jwk as jw_jwk
 from jwcrypto import jws as jw_jws
 
 from agent.errors import ConfigError, KeyFileError
-from agent.signing import (
+from agent.uplink.signing import (
     Signer,
     VerificationError,
     Verifier,

@@ -1,4 +1,4 @@
-"""agent.simulate: a deterministic simulated drive that decodes into the scenario it describes."""
+"""agent.dev.simulate: a deterministic simulated drive that decodes into the scenario it describes."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections import Counter
 import cantools
 import pytest
 
-from agent.capture import open_capture
-from agent.signals import INVALID, STALE, VALID
-from agent.simulate import EPOCH, generate, scenario, write_capture
-from agent.state import SignalPipeline
+from agent.can.capture import open_capture
+from agent.signals.model import INVALID, STALE, VALID
+from agent.dev.simulate import EPOCH, generate, scenario, write_capture
+from agent.signals.state import SignalPipeline
 from coredata import (ALL_DEMO_PATHS, BODY_ID, CLUSTER_ID, DEMO_DBC, IS_LOCKED, IS_OPEN, RANGE,
                       REL, TRUNK, WINDOWS, demo_vehicle, write)
 

@@ -1,4 +1,4 @@
-"""agent.state: VehicleState and SignalPipeline (changes, invalid states, staleness).
+"""agent.signals.state: VehicleState and SignalPipeline (changes, invalid states, staleness).
 
 Times are the frames' timestamps (the source's clock); nothing here reads the wall clock.
 Steps of 1/8 s and 1/16 s keep the arithmetic exact in binary floating point.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.signals import INVALID, STALE, VALID, Change
-from agent.state import STALE_CHECK_INTERVAL, SignalPipeline, VehicleState
+from agent.signals.model import INVALID, STALE, VALID, Change
+from agent.signals.state import STALE_CHECK_INTERVAL, SignalPipeline, VehicleState
 from coredata import (ABS, AIR, BODY_PATHS, CLOSED, CLUSTER_PATHS, HOOD, IS_LOCKED, IS_OPEN, LOW,
                       OPEN, RANGE, REL, SNA, TRUNK, WINDOWS, body, cluster, demo_decoder,
                       window)

@@ -44,11 +44,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.cloud import MessageChecker
-from agent.pki import init_pki
-from agent.signing import Verifier
-from agent.simulate import write_capture
-from agent.vehicle import load_vehicle
+from agent.cloud.checks import MessageChecker
+from agent.dev.pki import init_pki
+from agent.uplink.signing import Verifier
+from agent.dev.simulate import write_capture
+from agent.signals.vehicle import load_vehicle
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo.yaml"
@@ -373,6 +373,17 @@ def _prune_stale(vmroot: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _vcan_vm():
+    """tools/vcan-vm as a module (it has no .py suffix), for its UML helpers."""
+    import importlib.machinery
+    import importlib.util
+    loader = importlib.machinery.SourceFileLoader("vcan_vm", str(ROOT / "tools" / "vcan-vm"))
+    spec = importlib.util.spec_from_loader("vcan_vm", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
 def _memory_dir(scratch: Path) -> str:
     """Where UML puts its guest-memory file (it honours TMPDIR): enough room for VM_MEM."""
     need = (512 + 64) << 20
@@ -442,6 +453,9 @@ def boot(scratch: Path, console: Path, timeout: float) -> bool:
             "systemd.show_status=error", "systemd.firstboot=off", "fstab=no"]
     (scratch / "uml").mkdir()
     env = dict(os.environ, TMPDIR=_memory_dir(scratch))
+    shim = _vcan_vm().xstate_shim(str(ROOT / ".vm"))     # UML on hosts with a large XSAVE area
+    if shim:
+        env["LD_PRELOAD"] = shim
     libc = ctypes.CDLL(None, use_errno=True)
     parent = os.getpid()
 

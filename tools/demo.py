@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.devbroker import DevBroker  # noqa: E402
-from agent.pki import init_pki  # noqa: E402
+from agent.dev.broker import DevBroker  # noqa: E402
+from agent.dev.pki import init_pki  # noqa: E402
 
 RUN = ROOT / "demo-run"
 VEHICLE = "VIN1"

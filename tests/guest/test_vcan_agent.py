@@ -17,11 +17,12 @@ from pathlib import Path
 import can
 import pytest
 
-from agent.capture import format_candump, open_capture
-from agent.cloud import CloudWatcher, load_cloud_config
-from agent.simulate import write_capture
-from agent.state import SignalPipeline
-from agent.vehicle import load_vehicle
+from agent.can.capture import format_candump, open_capture
+from agent.cloud.config import load_cloud_config
+from agent.cloud.watch import CloudWatcher
+from agent.dev.simulate import write_capture
+from agent.signals.state import SignalPipeline
+from agent.signals.vehicle import load_vehicle
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "config" / "demo.yaml"

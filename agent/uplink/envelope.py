@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .signals import VALID
-from .signing import Signer
-from .state import VehicleState
+from agent.signals.model import VALID
+from agent.uplink.signing import Signer
+from agent.signals.state import VehicleState
 
 PayloadFactory = Callable[[int], bytes]
 

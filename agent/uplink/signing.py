@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from agent.errors import ConfigError, KeyFileError
-from agent.keyfiles import read_key_material
+from agent.uplink.keyfiles import read_key_material
 
 __all__ = [
     "DOCUMENT_SIGNING",

@@ -12,9 +12,9 @@ from typing import Iterator
 
 import can
 
-from .capture import CaptureReader, open_capture
-from .config import CanConfig
-from .errors import TransientError
+from agent.can.capture import CaptureReader, open_capture
+from agent.config import CanConfig
+from agent.errors import TransientError
 
 log = logging.getLogger("car_agent.source")
 

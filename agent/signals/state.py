@@ -10,8 +10,8 @@ from typing import Any, Iterable, Iterator
 
 import can
 
-from .decode import Decoder
-from .signals import STALE, Change
+from agent.signals.decoder import Decoder
+from agent.signals.model import STALE, Change
 
 #: Stale checks run at most this often (seconds of the source's clock), not per frame.
 STALE_CHECK_INTERVAL = 0.1

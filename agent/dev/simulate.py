@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterator, TextIO
 import can
 from cantools.database.can import Message, Signal
 
-from .capture import format_candump
-from .vehicle import Vehicle
+from agent.can.capture import format_candump
+from agent.signals.vehicle import Vehicle
 
 #: 2026-01-01T00:00:00Z: simulated captures start here, so output depends only on the seed.
 EPOCH = 1767225600.0

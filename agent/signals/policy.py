@@ -20,27 +20,8 @@ import fnmatch
 from collections import deque
 from dataclasses import dataclass, field
 
-from .signals import VALID, Change
-
-DEFAULT_IMMEDIATE = ("*.IsOpen", "*.IsLocked", "*.Window.Position", "*.IsFuelLevelLow",
-                     "Vehicle.Cabin.Sunroof.Position")
-DEFAULT_DEADBANDS = (
-    ("Vehicle.Powertrain.FuelSystem.RelativeLevel", 1.0),    # %
-    ("Vehicle.Powertrain.FuelSystem.AbsoluteLevel", 1.0),    # l
-    ("Vehicle.Powertrain.FuelSystem.Range", 1000.0),         # m
-    ("Vehicle.Exterior.AirTemperature", 0.5),                # degC
-)
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    immediate: tuple[str, ...] = DEFAULT_IMMEDIATE
-    deadband: tuple[tuple[str, float], ...] = DEFAULT_DEADBANDS
-    min_interval_s: float = 10.0
-    snapshot_min_interval_s: float = 5.0
-    heartbeat_s: float = 60.0
-    max_messages_per_s: float = 5.0
-    max_pending_batches: int = 1000
+from agent.config import PolicyConfig
+from agent.signals.model import VALID, Change
 
 
 @dataclass(frozen=True)

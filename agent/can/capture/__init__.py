@@ -12,7 +12,7 @@ import io
 import zlib
 from pathlib import Path
 
-from ..errors import UserError
+from agent.errors import UserError
 from .base import CaptureReader
 from .candump import CandumpReader, format_candump
 from .pythoncan import PythonCanReader

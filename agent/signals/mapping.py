@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .schema import Section, describe, load_yaml
-from .signals import KNOWN_VSS, VSS_PATH, Mapping, SignalSpec
+from agent.schema import Section, describe, load_yaml
+from agent.signals.model import KNOWN_VSS, VSS_PATH, Mapping, SignalSpec
 
 SIGNAL_KEYS = ("message", "signal", "scale", "offset", "invalid", "values", "mux", "timeout_ms",
                "decimals")

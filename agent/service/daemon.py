@@ -16,17 +16,17 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import logsetup
-from .envelope import Envelopes
-from .keyfiles import certificate_expiry_warning, check_private_key_file
-from .outbox import Outbox
-from .policy import Outgoing, PublishPolicy
-from .sdnotify import Notifier
-from .signing import Signer
-from .source import FrameSource, open_source
-from .state import SignalPipeline
-from .uplink import Uplink, certificate_expiry
-from .vehicle import load_vehicle
+from agent.service import logsetup
+from agent.uplink.envelope import Envelopes
+from agent.uplink.keyfiles import certificate_expiry_warning, check_private_key_file
+from agent.uplink.outbox import Outbox
+from agent.signals.policy import Outgoing, PublishPolicy
+from agent.service.sdnotify import Notifier
+from agent.uplink.signing import Signer
+from agent.can.source import FrameSource, open_source
+from agent.signals.state import SignalPipeline
+from agent.uplink.mqtt import Uplink, certificate_expiry
+from agent.signals.vehicle import load_vehicle
 
 log = logging.getLogger("car_agent.daemon")
 

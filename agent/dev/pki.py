@@ -42,8 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import KeyFileError, UserError
-from agent.keyfiles import read_key_material
-from agent.signing import (
+from agent.uplink.keyfiles import read_key_material
+from agent.uplink.signing import (
     DOCUMENT_SIGNING,
     load_private_key,
     public_jwk,

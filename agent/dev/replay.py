@@ -21,9 +21,9 @@ from typing import Callable, Iterator, TextIO
 import can
 from can.interfaces.socketcan.socketcan import SocketcanBus, build_can_frame
 
-from .capture import open_capture
-from .errors import UserError
-from .source import socketcan_hint
+from agent.can.capture import open_capture
+from agent.errors import UserError
+from agent.can.source import socketcan_hint
 
 log = logging.getLogger("car_agent.replay")
 

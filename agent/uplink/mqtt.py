@@ -24,11 +24,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from cryptography import x509
 
-from .config import MqttConfig
-from .errors import KeyFileError
-from .keyfiles import FileWatcher, check_private_key_file
-from .outbox import Outbox
-from .tlsdiag import ClosingSSLSocket, describe_connect_error, describe_tls_alert, probe_tls12
+from agent.config import MqttConfig
+from agent.errors import KeyFileError
+from agent.uplink.keyfiles import FileWatcher, check_private_key_file
+from agent.uplink.outbox import Outbox
+from agent.uplink.tlsdiag import ClosingSSLSocket, describe_connect_error, describe_tls_alert, probe_tls12
 
 log = logging.getLogger("car_agent.uplink")
 

@@ -15,9 +15,9 @@ from typing import Any, Callable
 import can
 from cantools.database.can import Message, Signal
 
-from .dbc import EXTENDED_KEY, VehicleDatabase, frame_key
-from .errors import ConfigError
-from .signals import INVALID, VALID, Mapping, SignalSpec
+from agent.can.dbc import EXTENDED_KEY, VehicleDatabase, frame_key
+from agent.errors import ConfigError
+from agent.signals.model import INVALID, VALID, Mapping, SignalSpec
 
 #: A converter turns a raw signal value into (published value, quality).
 Converter = Callable[[Any], "tuple[Any, str]"]

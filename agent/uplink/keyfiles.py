@@ -5,8 +5,9 @@
 - :func:`certificate_expiry_warning` says when the client certificate is about to expire.
 - :class:`FileWatcher` notices that credentials were replaced (rewritten in place or renamed
   over), so the uplink can rebuild its TLS context and reconnect.
-- :func:`expand_credentials_path` resolves ``${CREDENTIALS_DIRECTORY}/name`` config paths, for
-  keys that systemd hands to the service with ``LoadCredential=``.
+
+Config paths naming ``${CREDENTIALS_DIRECTORY}/name`` (keys that systemd hands to the service
+with ``LoadCredential=``) are expanded where config is read (:mod:`agent.schema`).
 
 Files in systemd's credentials directory are trusted as systemd made them: the directory is a
 private mount of the service, and depending on the file system systemd either chowns each file
@@ -23,13 +24,11 @@ import stat
 from pathlib import Path
 from typing import Iterable
 
-from .errors import ConfigError, KeyFileError
+from agent.errors import KeyFileError
+from agent.schema import CREDENTIALS_PREFIX, CREDENTIALS_VARIABLE
 
-__all__ = ["check_private_key_file", "certificate_expiry_warning", "FileWatcher",
-           "expand_credentials_path", "CREDENTIALS_VARIABLE"]
+__all__ = ["check_private_key_file", "certificate_expiry_warning", "FileWatcher"]
 
-CREDENTIALS_VARIABLE = "CREDENTIALS_DIRECTORY"
-_CREDENTIALS_PREFIX = "${" + CREDENTIALS_VARIABLE + "}/"
 
 
 # --------------------------------------------------------------------------- reading
@@ -64,7 +63,7 @@ def check_private_key_file(path: Path, what: str, *,
     """
     path = Path(path)
     name = str(path)
-    if _CREDENTIALS_PREFIX in name:      # left unexpanded: the variable was not set
+    if CREDENTIALS_PREFIX in name:      # left unexpanded: the variable was not set
         raise KeyFileError(f"{name}: {what} uses ${{{CREDENTIALS_VARIABLE}}}, which is not set "
                            "(systemd sets it for a unit with LoadCredential=; outside systemd "
                            "give the key's real path)")
@@ -136,43 +135,6 @@ def _inside(path: str, directory: str | Path | None) -> bool:
     base = os.path.realpath(directory)
     real = os.path.realpath(path)
     return os.path.commonpath([base, real]) == base and real != base
-
-
-# --------------------------------------------------------------------------- config paths
-
-def expand_credentials_path(value: str, where: str = "",
-                            environ: dict[str, str] | None = None, *,
-                            unset_ok: bool = False) -> str:
-    """Expand a leading ``${CREDENTIALS_DIRECTORY}/`` in a config path; other text unchanged.
-
-    Only this one variable, only at the start: config paths are not shell strings.
-    ``where`` prefixes the error (e.g. ``"config.yaml: mqtt.key"``). With ``unset_ok`` a path
-    using the variable while it is not set is returned unchanged, so that commands which never
-    open the file (``decode``, ``check-config``) work outside systemd;
-    :func:`check_private_key_file` then names the problem if the key is needed.
-
-    :raises ConfigError: if the path uses the variable and it is not set (not started by
-        systemd with ``LoadCredential=``) and not ``unset_ok``, if it names nothing after it,
-        or if another ``${...}`` appears in the path.
-    """
-    if not value.startswith(_CREDENTIALS_PREFIX):
-        if "${" in value:
-            raise ConfigError(f"{where + ': ' if where else ''}{value!r}: only "
-                              f"${{{CREDENTIALS_VARIABLE}}}/ at the start of a path is expanded")
-        return value
-    env = os.environ if environ is None else environ
-    base = env.get(CREDENTIALS_VARIABLE)
-    rest = value[len(_CREDENTIALS_PREFIX):]
-    prefix = f"{where}: " if where else ""
-    if not rest or rest.startswith("/"):
-        raise ConfigError(f"{prefix}{value!r}: expected ${{{CREDENTIALS_VARIABLE}}}/<name>")
-    if not base:
-        if unset_ok:
-            return value
-        raise ConfigError(f"{prefix}{value!r} uses ${{{CREDENTIALS_VARIABLE}}}, which is not set "
-                          "(systemd sets it for a unit with LoadCredential=; outside systemd "
-                          "give the key's real path)")
-    return os.path.join(base, rest)
 
 
 # --------------------------------------------------------------------------- certificates

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import AgentConfig, load_config
-from .dbc import VehicleDatabase, load_dbcs
-from .decode import Decoder
-from .mapping import load_mapping
-from .signals import Mapping
+from agent.config import AgentConfig, load_config
+from agent.can.dbc import VehicleDatabase, load_dbcs
+from agent.signals.decoder import Decoder
+from agent.signals.mapping import load_mapping
+from agent.signals.model import Mapping
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import cantools
 from cantools.database.can import Message
 
-from .errors import ConfigError
+from agent.errors import ConfigError
 
 EXTENDED_KEY = 0x80000000   # frame key = id | EXTENDED_KEY for 29-bit ids (no tuple per frame)
 MAX_DBC_BYTES = 32 * 1024 * 1024

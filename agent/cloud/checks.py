@@ -1,0 +1,274 @@
+"""Message checks: one MQTT message in, one plain record dict out, never an exception.
+
+* ``<prefix>/<vid>/events`` and ``<prefix>/<vid>/state``: a JWS token. It is verified against
+  the vehicles' JWK Set (``trust``), its claims are type-checked, the ``vid`` claim must
+  match the topic and the signing key's ``vid``, and a sequence number seen before is a
+  replay. Verified: ``{"vid", "topic", "kind", "seq", "boot", "ts", "signals", "quality",
+  "age"?, "kid", "alg", "verified": true, "retained"}``. Rejected: ``{"topic", "rejected":
+  reason, "verified": false, "seq"?}``.
+* ``<prefix>/<vid>/status``: unsigned ``online``/``offline`` (or a JSON object):
+  ``{"vid", "topic", "kind": "status", "status", "verified": false, "retained"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from agent.cloud.revocation import CrlTrust
+from agent.config import VEHICLE_ID_PATTERN
+from agent.uplink.signing import VerificationError, Verifier
+
+log = logging.getLogger("car_agent.cloud")
+
+#: Larger payloads are rejected unread (a state message is a few KiB).
+MAX_PAYLOAD_BYTES = 256 * 1024
+#: Highest accepted ``seq`` (a signed 64-bit counter on the vehicle).
+MAX_SEQ = 2**63 - 1
+
+_KINDS = {"events": "event", "state": "state"}
+
+
+# --------------------------------------------------------------------------- replay detection
+
+
+class SeqTracker:
+    """Remembers which sequence numbers each vehicle has had accepted.
+
+    Per vehicle: a watermark ``N`` ("every seq <= N has been seen") plus the set of seqs
+    above it. Arrivals in any order are accepted once each. If gaps never fill (messages
+    lost for good), the set is capped at ``window`` entries: the oldest gaps are then given
+    up, and a seq below the new watermark is refused as too old.
+    """
+
+    def __init__(self, window: int = 4096) -> None:
+        if window < 2:
+            raise ValueError("window must be at least 2")
+        self.window = window
+        self._floor: dict[str, int] = {}
+        self._given_up: dict[str, int] = {}  # every seq <= this unseen one was abandoned
+        self._above: dict[str, set[int]] = {}
+
+    def watermark(self, vid: str) -> int:
+        """Every seq <= this has been accepted (or given up); 0 for a vehicle not seen yet."""
+        return self._floor.get(vid, 0)
+
+    def seen(self, vid: str, seq: int) -> bool:
+        """Would ``seq`` be refused now? (Does not record anything.)"""
+        return seq <= self._floor.get(vid, 0) or seq in self._above.get(vid, ())
+
+    def accept(self, vid: str, seq: int) -> bool:
+        """Record ``seq``; True if it is new, False if it was seen before (or is too old)."""
+        floor = self._floor.get(vid, 0)
+        if seq <= floor:
+            return False
+        above = self._above.get(vid)
+        if above is None:
+            above = self._above[vid] = set()
+        elif seq in above:
+            return False
+        if seq == floor + 1:
+            floor = seq
+            while floor + 1 in above:
+                floor += 1
+                above.discard(floor)
+            self._floor[vid] = floor
+        else:
+            above.add(seq)
+            if len(above) > self.window:
+                self._give_up_oldest(vid, above)
+        return True
+
+    def why_rejected(self, vid: str, seq: int) -> str:
+        """Reason text for a seq that :meth:`accept` refused."""
+        if seq <= self._given_up.get(vid, 0):
+            return (f"duplicate or too old seq {seq} (older than the replay window of "
+                    f"{self.window} out-of-order messages)")
+        return f"duplicate seq {seq}"
+
+    def _give_up_oldest(self, vid: str, above: set[int]) -> None:
+        ordered = sorted(above)
+        keep = self.window // 2
+        cut = ordered[-keep - 1]  # highest seq that stops being remembered individually
+        remaining = set(ordered[-keep:])
+        floor = cut
+        while floor + 1 in remaining:
+            floor += 1
+            remaining.discard(floor)
+        self._given_up[vid] = cut
+        self._floor[vid] = floor
+        self._above[vid] = remaining
+
+
+# --------------------------------------------------------------------------- message checks
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class MessageChecker:
+    """Turns one MQTT message (topic, payload) into a record dict. Never raises.
+
+    Pure apart from the :class:`SeqTracker` (and the CRL file a :class:`CrlTrust` reads):
+    no network, so it can be tested alone. With ``revocation``, every signed message must
+    also pass :meth:`CrlTrust.check` (certificate of the key, CRL); without it nothing
+    about certificates is checked.
+    """
+
+    def __init__(self, verifier: Verifier, topic_prefix: str = "vehicles",
+                 tracker: SeqTracker | None = None, *,
+                 revocation: CrlTrust | None = None) -> None:
+        self.verifier = verifier
+        self.prefix_parts = topic_prefix.split("/")
+        self.tracker = tracker if tracker is not None else SeqTracker()
+        self.revocation = revocation
+
+    def check(self, topic: str, payload: bytes, retained: bool = False) -> dict[str, Any]:
+        try:
+            return self._check(topic, bytes(payload), retained)
+        except Exception as exc:  # noqa: BLE001 - a message must never crash the watcher
+            log.exception("unexpected error checking a message on %r", topic)
+            return _rejected(topic, f"internal error: {type(exc).__name__}")
+
+    def _check(self, topic: str, payload: bytes, retained: bool) -> dict[str, Any]:
+        parts = topic.split("/")
+        n = len(self.prefix_parts)
+        if len(parts) != n + 2 or parts[:n] != self.prefix_parts:
+            return _rejected(topic, "unexpected topic (expected "
+                                    f"{'/'.join(self.prefix_parts)}/<vid>/events|state|status)")
+        vid, leaf = parts[n], parts[n + 1]
+        if not VEHICLE_ID_PATTERN.fullmatch(vid):
+            return _rejected(topic, "unexpected topic: not a valid vehicle id")
+        if leaf not in ("events", "state", "status", "metrics"):
+            return _rejected(topic, f"unexpected topic: unknown leaf {leaf[:40]!r} "
+                                    "(expected events, state, status or metrics)")
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            return _rejected(topic, f"payload too large ({len(payload)} bytes, "
+                                    f"limit {MAX_PAYLOAD_BYTES})")
+        if leaf == "status":
+            return self._status(topic, vid, payload, retained)
+        if leaf == "metrics":
+            return self._metrics(topic, vid, payload)
+        if not payload:
+            return _rejected(topic, "empty payload")
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return _rejected(topic, f"malformed: payload is not UTF-8 (byte {exc.start})")
+
+        try:
+            header, claims = self.verifier.verify(text.strip())
+        except VerificationError as exc:
+            return _rejected(topic, str(exc))
+
+        problem = _claims_problem(claims)
+        if problem:
+            return _rejected(topic, f"bad claims: {problem}")
+        seq = claims["seq"]
+        claim_vid = claims["vid"]
+        if claim_vid != vid:
+            return _rejected(topic, f"vid claim {claim_vid[:64]!r} does not match the topic's "
+                                    f"vehicle {vid!r}", seq)
+        kid = header.get("kid")
+        jwk = self.verifier.jwk(kid) if isinstance(kid, str) else None
+        key_vid = jwk.get("vid") if jwk else None
+        if key_vid is not None and key_vid != claim_vid:
+            return _rejected(topic, f"signing key {kid} belongs to vehicle {str(key_vid)[:64]!r}, "
+                                    f"not {claim_vid!r}", seq)
+        if self.revocation is not None:
+            cert = self.verifier.certificate(kid) if isinstance(kid, str) else None
+            why = self.revocation.check(kid if isinstance(kid, str) else None, cert, claim_vid)
+            if why is not None:
+                return _rejected(topic, why, seq)
+        kind = claims.get("kind", _KINDS[leaf])
+        if kind != _KINDS[leaf]:
+            return _rejected(topic, f"kind claim {str(kind)[:32]!r} does not match topic "
+                                    f"{leaf!r}", seq)
+        if not self.tracker.accept(vid, seq):
+            return _rejected(topic, self.tracker.why_rejected(vid, seq), seq)
+
+        record: dict[str, Any] = {
+            "vid": vid,
+            "topic": topic,
+            "kind": kind,
+            "seq": seq,
+            "boot": claims["boot"],
+            "ts": claims["ts"],
+            "signals": claims["signals"],
+            "quality": claims.get("quality") or {},
+        }
+        if "age" in claims:
+            record["age"] = claims["age"]
+        record.update(kid=kid, alg=header.get("alg"), verified=True, retained=retained)
+        return record
+
+    @staticmethod
+    def _metrics(topic: str, vid: str, payload: bytes) -> dict[str, Any]:
+        return _metrics_record(topic, vid, payload)
+
+    @staticmethod
+    def _status(topic: str, vid: str, payload: bytes, retained: bool) -> dict[str, Any]:
+        try:
+            text = payload.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            return _rejected(topic, f"malformed: status is not UTF-8 (byte {exc.start})")
+        # Status is not signed (it is also the broker-published last will): never verified.
+        record: dict[str, Any] = {"vid": vid, "topic": topic, "kind": "status",
+                                  "status": text, "verified": False, "retained": retained}
+        if text.startswith("{"):
+            try:
+                obj = json.loads(text)
+            except (ValueError, RecursionError):
+                obj = None
+            if isinstance(obj, dict):
+                state = obj.get("status", obj.get("state"))
+                record["status"] = state if isinstance(state, str) else json.dumps(
+                    obj, sort_keys=True, separators=(",", ":"))
+                record["detail"] = obj
+        return record
+
+
+def _metrics_record(topic: str, vid: str, payload: bytes) -> dict[str, Any]:
+    """Health metrics (unsigned JSON): shown, never verified, never trusted for state."""
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return _rejected(topic, "malformed: metrics are not a JSON object")
+    if not isinstance(obj, dict):
+        return _rejected(topic, "malformed: metrics are not a JSON object")
+    return {"vid": vid, "topic": topic, "kind": "metrics", "metrics": obj, "verified": False}
+
+
+def _claims_problem(claims: dict[str, Any]) -> str | None:
+    """What is wrong with the claims' shape, or None."""
+    vid = claims.get("vid")
+    if not isinstance(vid, str):
+        return "'vid' missing or not a string"
+    seq = claims.get("seq")
+    if not _is_int(seq) or not 1 <= seq <= MAX_SEQ:
+        return "'seq' missing or not an integer >= 1"
+    for name in ("boot", "ts"):
+        value = claims.get(name)
+        if not _is_int(value) or value < 0:
+            return f"{name!r} missing or not a non-negative integer"
+    if not isinstance(claims.get("signals"), dict):
+        return "'signals' missing or not an object"
+    for name in ("quality", "age"):
+        if name in claims and not isinstance(claims[name], dict):
+            return f"{name!r} is not an object"
+    if "kind" in claims and not isinstance(claims["kind"], str):
+        return "'kind' is not a string"
+    return None
+
+
+def _rejected(topic: str, reason: str, seq: int | None = None) -> dict[str, Any]:
+    # Reasons can quote attacker-controlled text (a header's alg): keep them one line.
+    reason = "".join(c if c.isprintable() else repr(c)[1:-1] for c in reason[:500])
+    record: dict[str, Any] = {"topic": topic, "rejected": reason, "verified": False}
+    if seq is not None:
+        record["seq"] = seq
+    return record
+
+
