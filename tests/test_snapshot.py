@@ -353,6 +353,8 @@ logging: {{stats_interval_s: 1}}
         self.bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
         self.result = None
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self._sending = threading.Event()
+        self._sender: threading.Thread | None = None
 
     def _run(self) -> None:
         self.result = self.agent.run()
@@ -362,10 +364,20 @@ logging: {{stats_interval_s: 1}}
         assert self.agent.uplink.connected.wait(15), self.agent.uplink.last_error
         return self
 
-    def send(self, can_id: int, data: bytes) -> None:
-        self.bus.send(can.Message(arbitration_id=can_id, data=data, is_extended_id=False))
+    def keep_sending(self, frames: dict[int, bytes], period: float = 0.05) -> None:
+        """Send these frames every ``period`` s, as ECUs do (signals go stale otherwise)."""
+        def send() -> None:
+            while not self._sending.wait(period):
+                for can_id, data in frames.items():
+                    self.bus.send(can.Message(arbitration_id=can_id, data=data,
+                                              is_extended_id=False))
+        self._sender = threading.Thread(target=send, daemon=True)
+        self._sender.start()
 
     def __exit__(self, *exc) -> None:
+        self._sending.set()
+        if self._sender is not None:
+            self._sender.join(5)
         self.agent.request_stop()
         self.thread.join(30)
         self.bus.shutdown()
@@ -440,8 +452,8 @@ def cloud(cloud_config):
 def test_request_is_answered_with_a_signed_snapshot_echoing_the_correlation_data(
         tmp_path, pki, broker, cloud):
     with RunningAgent(tmp_path, pki, broker.port) as car:
-        car.send(CLUSTER_ID, cluster_payload(fuel=100, range_km=512, litres=300))   # 40 %
-        car.send(BODY_ID, body_payload(doors=(OPEN, 0, 0, 0), locks=(1, 1, 1, 1)))
+        car.keep_sending({CLUSTER_ID: cluster_payload(fuel=100, range_km=512, litres=300),  # 40 %
+                          BODY_ID: body_payload(doors=(OPEN, 0, 0, 0), locks=(1, 1, 1, 1))})
         assert _wait(lambda: car.agent.pipeline.state.snapshot(time.time())[RANGE]["value"]
                      == 512_000)
         asker = cloud("vehicles/VIN1/snapshot/+")
