@@ -21,7 +21,7 @@ from pathlib import Path
 import can
 import paho.mqtt.client as mqtt
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -587,3 +587,56 @@ def _cloud_yaml(pki: Path, port: int, name: str) -> Path:
                     f"cert: {pki / f'{name}.crt'}, key: {pki / f'{name}.key'}}}\n"
                     f"trust: {pki / 'jwks.json'}\n")
     return path
+
+
+# What mosquitto lets through: UTF-8 without NUL, control characters or non-characters (it
+# disconnects a client that sends them: the unit fuzz above covers those), no wildcards.
+_MQTT_TEXT = st.characters(blacklist_characters="+#", blacklist_categories=("Cc", "Cs", "Cn"))
+_LIVE_RESPONSES = st.one_of(
+    st.sampled_from(["vehicles/VIN1/snapshot", "vehicles/VIN1/snapshot/r1", "vehicles/VIN2/snapshot",
+                     "vehicles/VIN1/state", "vehicles/VIN1/cmd/snapshot", "x", "vehicles/VIN1/"]),
+    st.builds(lambda s: "vehicles/VIN1/snapshot/" + s,
+              st.text(alphabet=_MQTT_TEXT, max_size=70)))
+
+
+@pytest.mark.mqtt
+@settings(max_examples=6, deadline=None, derandomize=True, database=None,
+          phases=(Phase.explicit, Phase.generate),   # no shrinking against a live broker
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(batch=st.lists(st.tuples(
+    st.none() | _LIVE_RESPONSES,
+    st.none() | st.binary(max_size=100),
+    st.binary(max_size=1500) | st.sampled_from([b"", b"{}", b'{"a": [1, 2]}', b"null"]),
+    st.lists(st.tuples(st.text(alphabet=_MQTT_TEXT, max_size=20),
+                       st.text(alphabet=_MQTT_TEXT, max_size=300)), max_size=3)),
+    min_size=1, max_size=12))
+def test_fuzz_live_requests_never_disturb_the_agent(live, batch):
+    """Hostile requests through mosquitto: the agent answers exactly the good ones, counts every
+    request, and still answers the next good one."""
+    car, asker = live
+    expected = SnapshotRequests("vehicles", "VIN1", 1000.0, 1000)   # same checks, no rate limit
+    counters = car.agent.uplink.requests.counters
+    received, answered = counters.received, counters.answered
+    before = len(asker.messages)
+    good = 0
+    for response, correlation, payload, user in batch:
+        p = props(response, correlation, user)
+        if expected.offer(TOPIC, payload, p) is None:
+            good += 1
+        assert not asker.publish(TOPIC, payload, p).is_failure
+    marker = uuid.uuid4().bytes
+    assert not asker.publish(TOPIC, b"", props("vehicles/VIN1/snapshot/end", marker)).is_failure
+    assert asker.wait_for(lambda: any(m[2] == marker for m in asker.messages))
+    answers = asker.messages[before:]
+    assert len(answers) == good + 1
+    assert all(m[3]["verified"] and m[3]["kind"] == "snapshot" for m in answers)
+    assert counters.received - received == len(batch) + 1
+    assert counters.answered - answered == good + 1
+    assert car.thread.is_alive()
+
+
+@pytest.fixture
+def live(tmp_path, pki, broker, cloud):
+    with RunningAgent(tmp_path, pki, broker.port,
+                      "cmd: {snapshot_rate: 1000, snapshot_burst: 100}") as car:
+        yield car, cloud("vehicles/+/snapshot/+", "vehicles/+/snapshot", "vehicles/+/state")
