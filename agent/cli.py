@@ -201,6 +201,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     else:
         print(f"  uplink: mqtts://{config.mqtt.host}:{config.mqtt.port} "
               f"topics {config.mqtt.topic_prefix}/{config.vehicle_id}/...")
+        cmd = config.cmd
+        print(f"  snapshot requests: {config.mqtt.topic_prefix}/{config.vehicle_id}/cmd/snapshot, "
+              f"{cmd.snapshot_rate:g}/s, burst {cmd.snapshot_burst}" if cmd.enabled
+              else "  snapshot requests: off (cmd.enabled: false)")
     return 0
 
 

@@ -315,6 +315,25 @@ def test_cmd_config_defaults_and_keys(tmp_path):
         (False, 2.0, 10)
 
 
+def test_check_config_says_whether_requests_are_answered(tmp_path, pki):
+    import subprocess
+    import sys
+
+    from coredata import REPO
+
+    mqtt_yaml = (f"mqtt: {{host: 127.0.0.1, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'}, "
+                 f"key: {pki / 'VIN1.key'}}}\n")
+    for extra, line in (("", "  snapshot requests: vehicles/VIN1/cmd/snapshot, 0.5/s, burst 3"),
+                        ("cmd: {enabled: false}\n", "  snapshot requests: off (cmd.enabled: false)"),
+                        ("cmd: {snapshot_rate: 2, snapshot_burst: 7}\n",
+                         "  snapshot requests: vehicles/VIN1/cmd/snapshot, 2/s, burst 7")):
+        result = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config",
+                                 str(_agent_yaml(tmp_path, mqtt_yaml + extra))],
+                                capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1] == line
+
+
 @pytest.mark.parametrize("text, words", [
     ("cmd: {snapshot_rate: 0}", "cmd.snapshot_rate"),
     ("cmd: {snapshot_burst: 0}", "cmd.snapshot_burst"),

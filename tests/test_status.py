@@ -9,6 +9,7 @@ vehicle's certificate, as the agent would; the refreshed case runs the real agen
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,12 @@ def test_fresh_state_is_answered_from_the_retained_message(broker, mqtt_client, 
     assert result["source"]["seq"] == 41 and 20 <= result["age_s"] < 300
     assert "续航约420公里" in result["text"] and result["ssml"] is None
     assert err == ""
+    # A terminal that cannot show Chinese gets it escaped, not a traceback.
+    ascii_run = subprocess.run([sys.executable, "-m", "agent", "status", "VIN1", "--config", config,
+                                "--lang", "zh"], capture_output=True, timeout=60, cwd=REPO,
+                               env=dict(os.environ, PYTHONIOENCODING="ascii"))
+    assert ascii_run.returncode == 0, ascii_run.stderr
+    assert ascii_run.stdout.decode("ascii").startswith("\\u6570\\u636e")      # 数据
 
 
 def test_old_state_is_refreshed_by_the_running_agent(tmp_path, pki, broker, mqtt_client,

@@ -249,8 +249,10 @@ def status_main(config_path: str | Path, vid: str, *, json_out: bool = False, la
     view = ask(config, vid, max_age,
                on_note=lambda text: print(f"car-agent status: {text}", file=err))
     result = answer(view, lang)
-    if json_out:
-        print(json.dumps(result, ensure_ascii=False), file=out)
-    else:
-        print(result["text"], file=out)
+    line = json.dumps(result, ensure_ascii=False) if json_out else result["text"]
+    try:
+        out.write(line + "\n")
+    except UnicodeEncodeError:      # a terminal that cannot show Chinese: escaped, not a crash
+        out.write(line.encode("ascii", "backslashreplace").decode("ascii") + "\n")
+    out.flush()
     return 0
