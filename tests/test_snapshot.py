@@ -346,6 +346,47 @@ def test_cmd_config_errors_name_the_key(tmp_path, text, words):
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
+def test_daemon_answers_through_the_outbox_and_survives_a_full_disk(tmp_path, pki, monkeypatch):
+    """The loop's side, without a broker: a queued request becomes a signed snapshot entry with
+    the response topic and correlation data; a store error is counted, not raised."""
+    from agent.dev.broker import free_port
+    from agent.service.daemon import Agent
+
+    capture = tmp_path / "empty.log"
+    capture.write_text("")
+    config = _agent_yaml(tmp_path, f"""\
+can: {{capture: {capture}}}
+signing: {{key: {pki / 'VIN1.signing.key'}}}
+mqtt: {{host: 127.0.0.1, port: {free_port()}, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'},
+        key: {pki / 'VIN1.key'}}}
+store: {{path: {tmp_path / 'outbox.db'}}}
+""")
+    for key in ("VIN1.signing.key", "VIN1.key"):
+        (pki / key).chmod(0o600)
+    agent = Agent(config)
+    try:
+        requests = agent.uplink.requests
+        assert requests.offer(TOPIC, b"", props("vehicles/VIN1/snapshot/r7", b"\x07")) is None
+        agent._answer_requests(1_764_000_000.0)
+        [entry] = agent.outbox.pending(10)
+        assert (entry.topic, entry.kind, entry.retain, entry.correlation) == \
+            ("vehicles/VIN1/snapshot/r7", "snapshot", False, b"\x07")
+        _, claims = Verifier.from_jwks_file(pki / "jwks.json").verify(entry.payload.decode())
+        assert (claims["kind"], claims["seq"], claims["vid"]) == ("snapshot", entry.seq, "VIN1")
+        assert set(claims["signals"]) == set(agent.decoder.paths)
+        assert requests.counters.answered == 1
+
+        def disk_full(*args, **kwargs):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(agent.outbox, "add", disk_full)
+        assert requests.offer(TOPIC, b"", props("vehicles/VIN1/snapshot/r8", b"\x08")) is None
+        agent._answer_requests(1_764_000_001.0)
+        assert (agent.store_errors, requests.counters.answered, requests.waiting) == (1, 1, False)
+    finally:
+        agent.outbox.close()
+
+
 # --------------------------------------------------------------------------- through mosquitto
 
 
