@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from agent.service import logsetup
 from agent.uplink.envelope import Envelopes
 from agent.uplink.keyfiles import certificate_expiry_warning, check_private_key_file
-from agent.uplink.outbox import Outbox
+from agent.uplink.outbox import open_outbox
 from agent.signals.policy import Outgoing, PublishPolicy
 from agent.service.sdnotify import Notifier
 from agent.uplink.signing import Signer
@@ -44,10 +44,17 @@ class RunResult:
 class Agent:
     """The running pipeline; built from a config file, driven by :meth:`run`."""
 
-    def __init__(self, config_path, drain_timeout: float = 30.0) -> None:
+    def __init__(self, config_path, drain_timeout: float = 30.0, *,
+                 debug: bool | None = None) -> None:
         vehicle = load_vehicle(config_path)
         config = vehicle.config
         config.require("can", "signing", "mqtt", "store")
+        if debug is not None:
+            # Before the outbox opens: quarantining a corrupt one is logged.
+            logging_config = config.logging
+            logsetup.configure(logging_config.level, debug, config.vehicle_id,
+                               logging_config.mask_vin, logging_config.rate_limit_burst,
+                               logging_config.rate_limit_window_s)
         self.vehicle = vehicle
         self.config = config
         self.drain_timeout = drain_timeout
@@ -58,9 +65,10 @@ class Agent:
         self.decoder = vehicle.decoder()
         self.pipeline = SignalPipeline(self.decoder)
         self.policy = PublishPolicy(self.decoder.paths, config.policy)
-        self.outbox = Outbox(config.store.path, max_bytes=config.store.max_bytes,
-                             max_age_s=config.store.max_age_s)
-        self.envelopes = Envelopes(self.signer, config.vehicle_id, self.outbox.boot)
+        self.outbox = open_outbox(config.store.path, max_bytes=config.store.max_bytes,
+                                  max_age_s=config.store.max_age_s)
+        self.envelopes = Envelopes(self.signer, config.vehicle_id, self.outbox.boot,
+                                   stream=self.outbox.stream)
         self.uplink = Uplink(config.mqtt, config.vehicle_id, self.outbox)
         self.stop_requested = threading.Event()
         self.source: FrameSource | None = None
@@ -172,7 +180,8 @@ class Agent:
             "decode": counters.as_dict(),
             "outbox": {"queued": outbox.queued, "bytes": outbox.queued_bytes,
                        "dropped_full": outbox.dropped_full, "dropped_age": outbox.dropped_age,
-                       "refused": outbox.failed, "store_errors": self.store_errors},
+                       "refused": outbox.failed, "store_errors": self.store_errors,
+                       "quarantined": outbox.quarantined, "stream": self.outbox.stream},
         }
         expiry = certificate_expiry(self.config.mqtt.cert)
         metrics["certificate"] = {
@@ -206,11 +215,7 @@ class Agent:
 
 
 def run(config_path, drain_timeout: float = 30.0, debug: bool = False) -> RunResult:
-    agent = Agent(config_path, drain_timeout)
-    logging_config = agent.config.logging
-    logsetup.configure(logging_config.level, debug, agent.config.vehicle_id,
-                       logging_config.mask_vin, logging_config.rate_limit_burst,
-                       logging_config.rate_limit_window_s)
+    agent = Agent(config_path, drain_timeout, debug=debug)
     previous = {sig: signal.signal(sig, agent.request_stop)
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

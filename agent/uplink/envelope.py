@@ -1,6 +1,7 @@
 """Signed envelopes: the claims the cloud relies on, as JWS compact serializations.
 
-Claims (a contract): ``vid``, ``seq``, ``boot``, ``ts`` (ms since the Unix epoch, at signing),
+Claims (a contract): ``vid``, ``stream`` (the outbox's random stream id: ``seq`` counts within
+it), ``seq``, ``boot``, ``ts`` (ms since the Unix epoch, at signing),
 ``signals`` ({VSS path: value, null when not valid}), ``quality`` ({VSS path: quality} for every
 signal that is not valid). Extras: ``kind`` ("event"/"state") and, on state, ``age``
 ({VSS path: seconds since its last frame, null if never received}).
@@ -23,15 +24,19 @@ PayloadFactory = Callable[[int], bytes]
 
 class Envelopes:
     def __init__(self, signer: Signer, vehicle_id: str, boot: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, stream: str | None = None) -> None:
         self.signer = signer
         self.vehicle_id = vehicle_id
         self.boot = boot
         self.clock = clock
+        self.stream = stream
 
     def _claims(self, seq: int, kind: str) -> dict:
-        return {"vid": self.vehicle_id, "seq": seq, "boot": self.boot,
-                "ts": int(self.clock() * 1000), "kind": kind}
+        claims = {"vid": self.vehicle_id, "seq": seq, "boot": self.boot,
+                  "ts": int(self.clock() * 1000), "kind": kind}
+        if self.stream is not None:
+            claims["stream"] = self.stream
+        return claims
 
     def event(self, changes) -> PayloadFactory:
         signals = {}

@@ -17,6 +17,11 @@ oldest non-``"event"`` entry is dropped (snapshots are superseded by newer ones)
 event; the entry just added is never dropped. Age bound: :meth:`Outbox.expire` drops entries
 older than ``max_age_s``. Both are counted in persisted counters.
 
+Stream: every outbox is created with a random stream id (:attr:`Outbox.stream`, stored in it),
+signed into every message as the claim ``stream``. A new outbox (deleted, lost, or a corrupt one
+quarantined by :func:`open_outbox`) starts a new stream whose ``seq`` restarts at 1; the cloud
+tracks ``(vid, stream, seq)``, so that is not taken for a replay.
+
 Thread safety: one connection shared by the daemon thread (add) and the MQTT network thread
 (delete / record_failure), serialised by a lock. ``make_payload`` runs with the lock held and
 inside the write transaction, so it must be quick; it may call the read-only methods
@@ -25,6 +30,10 @@ inside the write transaction, so it must be quick; it may call the read-only met
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -35,6 +44,8 @@ from pathlib import Path
 
 from agent.errors import ConfigError
 
+log = logging.getLogger("car_agent.outbox")
+
 SCHEMA_VERSION = 1
 EVENT = "event"
 BUSY_TIMEOUT_S = 5.0
@@ -43,6 +54,9 @@ MAX_REASON_CHARS = 500
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+    # Text values (the stream id) apart from meta, whose INTEGER affinity would turn a stream
+    # id made only of digits into a number.
+    "CREATE TABLE IF NOT EXISTS ident (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     # Small columns first, payload last: scans of created/size never touch overflow pages.
     "CREATE TABLE IF NOT EXISTS entries ("
     " seq INTEGER PRIMARY KEY,"
@@ -68,6 +82,7 @@ _META_DEFAULTS = (
     ("failed", 0),
     ("dropped_full", 0),
     ("dropped_age", 0),
+    ("quarantined", 0),
 )
 
 _SQL_BEGIN = "BEGIN IMMEDIATE"
@@ -78,6 +93,8 @@ _SQL_META_ALL = "SELECT key, value FROM meta"
 _SQL_META_GET = "SELECT value FROM meta WHERE key = ?"
 _SQL_META_SET = "UPDATE meta SET value = ? WHERE key = ?"
 _SQL_META_BUMP = "UPDATE meta SET value = value + ? WHERE key = ?"
+_SQL_IDENT_INIT = "INSERT OR IGNORE INTO ident (key, value) VALUES ('stream', ?)"
+_SQL_IDENT_STREAM = "SELECT value FROM ident WHERE key = 'stream'"
 _SQL_INSERT = (
     "INSERT INTO entries (seq, created, size, kind, retain, topic, payload)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -98,11 +115,21 @@ _SQL_EXPIRE = "DELETE FROM entries WHERE created < ?"
 _SQL_OLDEST_CREATED = "SELECT min(created) FROM entries"
 
 
-def _corrupt(reason: str) -> str:
-    return (
-        f"database is corrupt ({reason}); the file was left untouched,"
-        " move it aside to start an empty outbox"
-    )
+#: Random bytes in a stream id (rendered as 2 hex characters each).
+STREAM_ID_BYTES = 10
+
+
+def new_stream_id() -> str:
+    return secrets.token_hex(STREAM_ID_BYTES)
+
+
+class OutboxCorrupt(ConfigError):
+    """The outbox file is not a usable SQLite database (:func:`open_outbox` quarantines it)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: cannot open outbox: database is corrupt ({reason}); the file "
+                         "was left untouched, move it aside to start an empty outbox")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -130,6 +157,7 @@ class OutboxStats:
     delivered: int
     next_seq: int
     boot: int
+    quarantined: int = 0
 
 
 class Outbox:
@@ -174,7 +202,7 @@ class Outbox:
             reason = str(exc)
             if not isinstance(exc, sqlite3.OperationalError) or "malformed" in reason:
                 # "file is not a database", "database disk image is malformed", ...
-                reason = _corrupt(reason)
+                raise OutboxCorrupt(self.path, reason) from exc
             raise ConfigError(f"{self.path}: cannot open outbox: {reason}") from exc
         except BaseException:
             self._conn = None
@@ -189,14 +217,14 @@ class Outbox:
         problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             detail = "; ".join(" ".join(str(p).split()) for p in problems[:3])
-            raise ConfigError(
-                f"{self.path}: cannot open outbox: {_corrupt('integrity check failed: ' + detail)}"
-            )
+            raise OutboxCorrupt(self.path, f"integrity check failed: {detail}")
         conn.execute(_SQL_BEGIN)
         try:
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.executemany(_SQL_META_INIT, _META_DEFAULTS)
+            conn.execute(_SQL_IDENT_INIT, (new_stream_id(),))
+            stream = conn.execute(_SQL_IDENT_STREAM).fetchone()[0]
             meta = dict(conn.execute(_SQL_META_ALL).fetchall())
             if meta["schema"] != SCHEMA_VERSION:
                 raise ConfigError(
@@ -212,6 +240,8 @@ class Outbox:
             raise
         self._conn = conn
         self.boot = boot
+        self.stream: str = stream
+        self._quarantined = int(meta["quarantined"])
         self._next_seq = int(meta["next_seq"])
         self._delivered = int(meta["delivered"])
         self._failed = int(meta["failed"])
@@ -357,6 +387,13 @@ class Outbox:
             self._dropped_age += count
             return count
 
+    def _bump_meta(self, key: str) -> None:
+        with self._lock:
+            with self._transaction() as conn:
+                conn.execute(_SQL_META_BUMP, (1, key))
+            if key == "quarantined":
+                self._quarantined += 1
+
     def stats(self) -> OutboxStats:
         with self._lock:
             oldest = self._connection().execute(_SQL_OLDEST_CREATED).fetchone()[0]
@@ -371,6 +408,7 @@ class Outbox:
                 delivered=self._delivered,
                 next_seq=self._next_seq,
                 boot=self.boot,
+                quarantined=self._quarantined,
             )
 
     def __len__(self) -> int:
@@ -388,6 +426,32 @@ class Outbox:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def open_outbox(path: str | Path, **options) -> Outbox:
+    """:class:`Outbox`, but a corrupt file is quarantined instead of stopping the agent.
+
+    The corrupt database (and its -wal/-shm files) is renamed aside with a UTC timestamp
+    (``outbox.db.corrupt-20260101T120000Z``), the fact logged as an error and counted
+    (``quarantined`` in the new outbox's stats), and a new outbox with a new stream starts:
+    a car must not stop reporting for good over a damaged file (exit 2 is not restarted).
+    """
+    try:
+        return Outbox(path, **options)
+    except OutboxCorrupt as exc:
+        reason = exc.reason
+    path = Path(path)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        source = path.with_name(path.name + suffix)
+        if source.exists():
+            os.replace(source, aside.with_name(aside.name + suffix))
+    log.error("outbox: %s is corrupt (%s); quarantined as %s, starting a new outbox (new "
+              "stream)", path, reason, aside)
+    outbox = Outbox(path, **options)
+    outbox._bump_meta("quarantined")
+    return outbox
 
 
 def _rollback_quietly(conn: sqlite3.Connection) -> None:
