@@ -6,12 +6,8 @@ End to end with a real mosquitto, the agent as a subprocess and ``CloudWatcher``
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,13 +15,10 @@ import pytest
 from agent.cloud.checks import MessageChecker, SeqTracker
 from agent.cloud.config import load_cloud_config
 from agent.cloud.watch import CloudWatcher, format_human
-from agent.dev.simulate import write_capture
-from agent.signals.vehicle import load_vehicle
 from agent.uplink.outbox import Outbox, OutboxCorrupt, open_outbox
 from agent.uplink.signing import Signer, Verifier
+from agentrun import run_agent, simulated_drive, write_agent_config
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "config" / "demo.yaml"
 DOOR = "Vehicle.Cabin.Door.Row1.DriverSide.IsOpen"
 NOW = 1_790_000_000.0   # 2026-09: "now" for the checker's clock
 
@@ -155,24 +148,7 @@ def test_ts_within_an_hour_ahead_is_accepted(checker, signer):
 
 @pytest.fixture(scope="module")
 def drive(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("drive") / "drive.log"
-    write_capture(load_vehicle(DEMO), path, 12.0, seed=5)
-    return path
-
-
-def agent_yaml(tmp_path: Path, pki: Path, port: int, capture: Path) -> Path:
-    path = tmp_path / "agent.yaml"
-    path.write_text(f"""\
-vehicle_id: VIN1
-can: {{capture: {capture}, realtime: false}}
-dbc: [{ROOT / 'dbc' / 'demo_vehicle.dbc'}]
-mapping: {ROOT / 'config' / 'mapping' / 'demo_vehicle.yaml'}
-signing: {{key: {pki / 'VIN1.signing.key'}}}
-mqtt: {{host: 127.0.0.1, port: {port}, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'},
-        key: {pki / 'VIN1.key'}, reconnect_min_s: 0.2, reconnect_max_s: 1}}
-store: {{path: {tmp_path / 'outbox.db'}}}
-""")
-    return path
+    return simulated_drive(tmp_path_factory.mktemp("drive"), 12.0, seed=5)
 
 
 class Watch:
@@ -197,14 +173,9 @@ class Watch:
             assert self.cond.wait_for(lambda: offline() >= count, 30), self.records[-5:]
 
 
-def run_agent(config: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(config)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-
-
 def test_recreated_and_corrupt_outbox_are_accepted_by_watch(tmp_path, pki, broker, cloud_config,
                                                             drive):
-    config = agent_yaml(tmp_path, pki, broker.port, drive)
+    config = write_agent_config(tmp_path, pki, broker.port, drive)
     outbox = tmp_path / "outbox.db"
     watch = Watch(cloud_config())
     watch.watcher.start()

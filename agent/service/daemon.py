@@ -32,6 +32,8 @@ log = logging.getLogger("car_agent.daemon")
 
 RECV_TIMEOUT_S = 0.05
 SHUTDOWN_DRAIN_S = 5.0
+#: How often the main loop checks that the uplink's network thread is still there.
+UPLINK_CHECK_S = 1.0
 
 
 @dataclass
@@ -115,6 +117,8 @@ class Agent:
         pipeline, policy = self.pipeline, self.policy
         interval = config.logging.stats_interval_s
         next_stats = time.monotonic() + interval
+        next_check = time.monotonic() + min(UPLINK_CHECK_S, interval)
+        uplink = self.uplink
         try:
             while not self.stop_requested.is_set():
                 notifier.watchdog()
@@ -131,9 +135,19 @@ class Agent:
                 outgoing = policy.due(now)
                 if outgoing:
                     self._commit(outgoing, now)
-                if time.monotonic() >= next_stats:
-                    next_stats = time.monotonic() + interval
-                    self._report_health()
+                if time.monotonic() >= next_check:
+                    mono = time.monotonic()
+                    next_check = mono + min(UPLINK_CHECK_S, interval)
+                    if not uplink.alive():
+                        # Never pretend: no more watchdog pings; exit 1 so that the service
+                        # manager restarts the agent (the outbox keeps everything).
+                        log.error("uplink: the network thread ended; stopping so that the "
+                                  "service manager restarts the agent")
+                        return RunResult(1, len(self.outbox), "uplink network thread ended; "
+                                         f"{len(self.outbox)} message(s) stay queued")
+                    if mono >= next_stats:
+                        next_stats = mono + interval
+                        self._report_health()
             # Capture finished or stop requested: what the policy holds goes out now.
             notifier.stopping("flushing and draining the outbox")
             self._commit(policy.flush(source.now()), source.now())
@@ -183,6 +197,10 @@ class Agent:
                        "refused": outbox.failed, "store_errors": self.store_errors,
                        "quarantined": outbox.quarantined, "stream": self.outbox.stream},
         }
+        uplink = self.uplink.counters
+        metrics["uplink"] = {"connected": self.uplink.is_connected(),
+                             "delivered": uplink.acknowledged, "store_errors": uplink.store_errors,
+                             "restarts": uplink.restarts}
         expiry = certificate_expiry(self.config.mqtt.cert)
         metrics["certificate"] = {
             "expires": None if expiry is None else expiry.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -191,7 +209,7 @@ class Agent:
             if logsetup.rate_limit else 0
         self.uplink.publish_metrics(json.dumps(metrics, separators=(",", ":")).encode())
         self.notifier.status(f"{rate:.0f} frames/s, {outbox.queued} queued, uplink "
-                             f"{'connected' if self.uplink.connected.is_set() else 'disconnected'}")
+                             f"{'connected' if self.uplink.is_connected() else 'disconnected'}")
         if now >= self._next_cert_check:
             self._check_certificate()
 

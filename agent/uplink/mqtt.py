@@ -6,6 +6,13 @@ outbox only when the broker's PUBACK reports success; a failure reason code (e.g
 authorized) is logged, counted, and the entry kept and retried later. paho re-sends what was in
 flight after a reconnect, so the mid -> seq map survives reconnects.
 
+Supervision: nothing that goes wrong in the thread ends it. A storage error on a PUBACK (disk
+full while deleting the entry) keeps the entry and retries the delete; any other unexpected
+exception is logged, the client is replaced (the outbox still holds what was in flight) and the
+loop restarts after a pause. ``connected`` is cleared whenever the thread is not running its
+loop, and :meth:`Uplink.alive` tells the daemon whether the thread is still there at all (if not,
+the daemon stops feeding the watchdog and exits, so the service manager restarts the agent).
+
 Connection failures are explained in one line, including the TLS 1.3 case where the broker
 rejects our certificate only after the handshake (visible only in paho's log callback).
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import sqlite3
 import ssl
 import threading
 import time
@@ -37,6 +45,10 @@ FAILED_RETRY_S = 30.0
 #: How often the CA, certificate and key files are checked for changes (rotation).
 CREDENTIALS_CHECK_S = 5.0
 CONNECT_TIMEOUT_S = 10.0
+#: A delivered entry whose delete failed (disk full) is deleted again at most this often.
+DELETE_RETRY_S = 1.0
+#: After an unexpected error in the network thread, its loop restarts after this long.
+RESTART_PAUSE_S = 1.0
 
 def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
     """Client TLS: verify the broker (CA + host name, always), present our certificate."""
@@ -77,6 +89,8 @@ class UplinkCounters:
     refused: int = 0
     connects: int = 0
     connect_failures: int = 0
+    store_errors: int = 0          # outbox errors on a PUBACK (the entry is kept, retried)
+    restarts: int = 0              # network loop restarted after an unexpected error
     refused_codes: dict[str, int] = field(default_factory=dict)
 
 
@@ -96,6 +110,8 @@ class Uplink:
         self._wake = threading.Event()
         self._inflight: dict[int, int] = {}         # paho mid -> outbox seq
         self._retry_at: dict[int, float] = {}       # seq -> monotonic time it may be retried
+        self._acked: set[int] = set()                # delivered, but the delete failed: retry
+        self._next_delete_retry = 0.0
         self._status_mid: int | None = None
         self._status_acked = threading.Event()
         self._metrics: bytes | None = None
@@ -121,8 +137,16 @@ class Uplink:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+        self._thread = threading.Thread(target=self._supervise, name="uplink", daemon=True)
         self._thread.start()
+
+    def alive(self) -> bool:
+        """The network thread is running (always True before :meth:`start`)."""
+        return self._thread is None or self._thread.is_alive()
+
+    def is_connected(self) -> bool:
+        """Connected, as claimed only by a living network thread."""
+        return self.connected.is_set() and self.alive()
 
     def wake(self) -> None:
         self._wake.set()
@@ -159,6 +183,40 @@ class Uplink:
     # -- the network thread -----------------------------------------------------------------
     _want_offline = False
     _connack_seen = False
+
+    def _supervise(self) -> None:
+        """Run the network loop; restart it after any unexpected error instead of dying."""
+        try:
+            while True:
+                try:
+                    self._run()
+                    return
+                except Exception as exc:  # noqa: BLE001 - the uplink must outlive any bug
+                    self.connected.clear()
+                    self.counters.restarts += 1
+                    log.error("uplink: network thread failed (%s: %s); restarting it "
+                              "(%d restart(s) so far)", type(exc).__name__, exc,
+                              self.counters.restarts, exc_info=log.isEnabledFor(logging.DEBUG))
+                    self._discard_client()
+                    if self._stop.wait(RESTART_PAUSE_S):
+                        return
+        finally:
+            self.connected.clear()
+
+    def _discard_client(self) -> None:
+        """Drop the paho client (and its in-flight state): the outbox still holds everything."""
+        try:
+            self.client.disconnect()
+        except Exception:  # noqa: BLE001 - the old client may be in any state
+            pass
+        try:
+            sock = self.client.socket()
+            if sock is not None:
+                sock.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self._inflight.clear()
+        self.client = self._make_client()
 
     def _run(self) -> None:
         delay = self.config.reconnect_min_s
@@ -258,11 +316,15 @@ class Uplink:
         self.last_error = reason
 
     def _pump(self, client: mqtt.Client) -> None:
+        if self._acked and time.monotonic() >= self._next_delete_retry:
+            self._next_delete_retry = time.monotonic() + DELETE_RETRY_S
+            self._retry_deletes()
         room = self.config.max_inflight - len(self._inflight)
         if room <= 0:
             return
         now = time.monotonic()
         blocked = set(self._inflight.values())
+        blocked.update(self._acked)
         if self._retry_at:
             for seq, at in list(self._retry_at.items()):
                 if at > now:
@@ -328,15 +390,40 @@ class Uplink:
             name = str(reason_code)
             self.counters.refused += 1
             self.counters.refused_codes[name] = self.counters.refused_codes.get(name, 0) + 1
-            self.outbox.record_failure(seq, f"PUBACK {reason_code.value:#04x} {name}")
             self._retry_at[seq] = time.monotonic() + FAILED_RETRY_S
+            try:
+                self.outbox.record_failure(seq, f"PUBACK {reason_code.value:#04x} {name}")
+            except sqlite3.Error as exc:   # the count is lost, the entry kept and retried
+                self.counters.store_errors += 1
+                log.error("uplink: cannot record the refusal of seq %d in the outbox: %s",
+                          seq, exc)
             if self.counters.refused_codes[name] in (1, 10, 100, 1000):
                 log.error("uplink: broker refused seq %d: %s (%#04x); kept in the outbox "
                           "(%d refusal(s) so far)", seq, name, reason_code.value,
                           self.counters.refused)
             return
-        self.outbox.delete(seq)
         self.counters.acknowledged += 1
+        self._delete(seq)
+
+    def _delete(self, seq: int) -> None:
+        """Remove a delivered entry; on a storage error keep it and retry (never republish)."""
+        try:
+            self.outbox.delete(seq)
+        except sqlite3.Error as exc:
+            self.counters.store_errors += 1
+            if self.counters.store_errors in (1, 10, 100, 1000):
+                log.error("uplink: seq %d was delivered but cannot be removed from the outbox "
+                          "(%s); kept and retried (%d storage error(s) so far)", seq, exc,
+                          self.counters.store_errors)
+            self._acked.add(seq)
+            return
+        self._acked.discard(seq)
+
+    def _retry_deletes(self) -> None:
+        for seq in sorted(self._acked):
+            self._delete(seq)
+            if seq in self._acked:
+                return   # still failing: try again on the next pass
 
     def _on_log(self, client, userdata, level, text) -> None:
         if level == mqtt.MQTT_LOG_ERR:
@@ -346,6 +433,7 @@ class Uplink:
 
     # -- reporting --------------------------------------------------------------------------
     def status_line(self) -> str:
-        state = "connected" if self.connected.is_set() else "disconnected"
+        state = "connected" if self.is_connected() else (
+            "disconnected" if self.alive() else "down (network thread ended)")
         return (f"{state}, {len(self.outbox)} queued, {len(self._inflight)} in flight, "
                 f"{self.counters.acknowledged} delivered, {self.counters.refused} refused")

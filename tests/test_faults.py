@@ -1,0 +1,174 @@
+"""Faults the uplink and the daemon meet in a car: storage errors during delivery, a network
+thread that fails, a stop while the broker is out of reach. A real mosquitto with mTLS; the
+faults are injected into the outbox the uplink drains."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import MqttConfig
+from agent.service.daemon import Agent
+from agent.uplink.mqtt import Uplink
+from agent.uplink.outbox import Outbox
+from agentrun import simulated_drive, write_agent_config
+
+pytestmark = pytest.mark.mqtt
+
+DISK_FULL = "database or disk is full"
+
+
+def wait_until(predicate, timeout: float = 20.0) -> bool:
+    """Poll an observable condition (never a fixed sleep as synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def mqtt_config(pki: Path, port: int) -> MqttConfig:
+    return MqttConfig(host="127.0.0.1", port=port, ca=pki / "ca.crt", cert=pki / "VIN1.crt",
+                      key=pki / "VIN1.key", reconnect_min_s=0.1, reconnect_max_s=0.5)
+
+
+class FailingOutbox(Outbox):
+    """An outbox whose ``method`` raises ``error`` on its first ``times`` calls."""
+
+    def __init__(self, path: Path, method: str, error: BaseException, times: int) -> None:
+        super().__init__(path)
+        self.calls = 0
+        original = getattr(self, method)
+
+        def failing(*args, **kwargs):
+            self.calls += 1
+            if self.calls <= times:
+                raise error
+            return original(*args, **kwargs)
+
+        setattr(self, method, failing)
+
+
+def fill(outbox: Outbox, n: int) -> None:
+    for _ in range(n):
+        outbox.add("vehicles/VIN1/events", "event", lambda seq: b'{"seq":%d}' % seq)
+
+
+@pytest.fixture
+def uplinks():
+    started: list[Uplink] = []
+    yield started
+    for uplink in started:
+        uplink.stop(offline_timeout=0.5)
+
+
+def test_disk_full_on_puback_keeps_the_entry_and_retries(tmp_path, pki, broker, uplinks,
+                                                         caplog):
+    outbox = FailingOutbox(tmp_path / "o.db", "delete",
+                           sqlite3.OperationalError(DISK_FULL), times=3)
+    fill(outbox, 8)
+    uplink = Uplink(mqtt_config(pki, broker.port), "VIN1", outbox)
+    uplinks.append(uplink)
+    with caplog.at_level(logging.ERROR, logger="car_agent.uplink"):
+        uplink.start()
+        assert wait_until(lambda: len(outbox) == 0), uplink.status_line()
+    # The three failed deletes were retried, not republished: 8 published, 8 delivered.
+    assert outbox.calls == 8 + 3
+    assert uplink.counters.store_errors == 3
+    assert (uplink.counters.published, uplink.counters.acknowledged) == (8, 8)
+    assert outbox.stats().delivered == 8
+    assert uplink.alive() and uplink.is_connected()
+    assert uplink.counters.restarts == 0
+    assert any(DISK_FULL in r.getMessage() and "kept and retried" in r.getMessage()
+               for r in caplog.records)
+    fill(outbox, 2)                          # still delivering afterwards
+    uplink.wake()
+    assert wait_until(lambda: len(outbox) == 0)
+    outbox.close()
+
+
+def test_an_unexpected_error_in_the_network_thread_restarts_it(tmp_path, pki, broker, uplinks,
+                                                               caplog):
+    outbox = FailingOutbox(tmp_path / "o.db", "pending", RuntimeError("a bug"), times=1)
+    fill(outbox, 5)
+    uplink = Uplink(mqtt_config(pki, broker.port), "VIN1", outbox)
+    uplinks.append(uplink)
+    with caplog.at_level(logging.ERROR, logger="car_agent.uplink"):
+        uplink.start()
+        assert wait_until(lambda: len(outbox) == 0), uplink.status_line()
+    assert uplink.counters.restarts == 1 and uplink.alive()
+    assert outbox.stats().delivered == 5
+    assert any("network thread failed (RuntimeError: a bug)" in r.getMessage()
+               for r in caplog.records)
+    outbox.close()
+
+
+class Fatal(BaseException):
+    """Stands for what no supervisor catches."""
+
+
+def raise_fatal(*args, **kwargs):
+    raise Fatal("end of the thread")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_network_thread_never_claims_connected(tmp_path, pki, broker, uplinks):
+    outbox = Outbox(tmp_path / "o.db")
+    uplink = Uplink(mqtt_config(pki, broker.port), "VIN1", outbox)
+    uplinks.append(uplink)
+    uplink.start()
+    assert wait_until(uplink.is_connected)
+    # Something the supervisor does not catch (as a BaseException would) ends the thread.
+    fill(outbox, 1)
+    outbox.pending = raise_fatal
+    uplink.wake()
+    assert wait_until(lambda: not uplink.alive())
+    assert not uplink.is_connected()
+    assert uplink.status_line().startswith("down (network thread ended)")
+    outbox.close()
+
+
+@pytest.fixture(scope="module")
+def drive(tmp_path_factory) -> Path:
+    return simulated_drive(tmp_path_factory.mktemp("drive"), 20.0, seed=4)
+
+
+class AgentThread:
+    """``Agent.run()`` in a thread (the capture replayed in real time), its result kept."""
+
+    def __init__(self, config: Path) -> None:
+        self.agent = Agent(config)
+        self.result = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.result = self.agent.run()
+
+    def __enter__(self) -> "AgentThread":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.agent.request_stop()
+        self.thread.join(30)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_daemon_stops_with_exit_1_when_the_network_thread_is_gone(tmp_path, pki, broker,
+                                                                      drive):
+    config = write_agent_config(tmp_path, pki, broker.port, drive, realtime=True)
+    with AgentThread(config) as running:
+        assert wait_until(running.agent.uplink.is_connected)
+        running.agent.outbox.pending = raise_fatal
+        running.agent.uplink.wake()
+        # Without the check the run ends only with the capture, exit 0, "connected".
+        running.thread.join(60)
+    assert running.result is not None
+    assert running.result.exit_code == 1
+    assert running.result.message.startswith("uplink network thread ended")
