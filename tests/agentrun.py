@@ -11,17 +11,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_agent_config(directory: Path, pki: Path, port: int, capture: Path, *,
-                       realtime: bool = False, extra: str = "") -> Path:
-    """``directory/agent.yaml`` for VIN1 on ``capture``, outbox ``directory/outbox.db``."""
+                       realtime: bool = False, credentials: Path | None = None,
+                       extra: str = "") -> Path:
+    """``directory/agent.yaml`` for VIN1 on ``capture``, outbox ``directory/outbox.db``.
+
+    ``credentials``: another folder holding the client certificate and key (VIN1.crt/.key).
+    """
     path = directory / "agent.yaml"
+    credentials = credentials or pki
     path.write_text(f"""\
 vehicle_id: VIN1
 can: {{capture: {capture}, realtime: {str(realtime).lower()}}}
 dbc: [{REPO / 'dbc' / 'demo_vehicle.dbc'}]
 mapping: {REPO / 'config' / 'mapping' / 'demo_vehicle.yaml'}
 signing: {{key: {pki / 'VIN1.signing.key'}}}
-mqtt: {{host: 127.0.0.1, port: {port}, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'},
-        key: {pki / 'VIN1.key'}, reconnect_min_s: 0.2, reconnect_max_s: 1}}
+mqtt: {{host: 127.0.0.1, port: {port}, ca: {pki / 'ca.crt'}, cert: {credentials / 'VIN1.crt'},
+        key: {credentials / 'VIN1.key'}, reconnect_min_s: 0.2, reconnect_max_s: 1}}
 store: {{path: {directory / 'outbox.db'}}}
 {extra}""")
     return path

@@ -5,7 +5,10 @@ faults are injected into the outbox the uplink drains."""
 from __future__ import annotations
 
 import logging
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import MqttConfig
+from agent.dev.pki import init_pki
 from agent.service.daemon import Agent
 from agent.uplink.mqtt import Uplink
 from agent.uplink.outbox import Outbox
@@ -172,3 +176,50 @@ def test_the_daemon_stops_with_exit_1_when_the_network_thread_is_gone(tmp_path, 
     assert running.result is not None
     assert running.result.exit_code == 1
     assert running.result.message.startswith("uplink network thread ended")
+
+
+class AgentProcess:
+    """``car-agent run`` as a child process; its stderr collected line by line."""
+
+    def __init__(self, config: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
+                                      str(config)], stderr=subprocess.PIPE, text=True,
+                                     cwd=Path(__file__).resolve().parents[1])
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def saw(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_without_a_connection_does_not_wait_to_drain(tmp_path, pki, broker, drive,
+                                                          tmp_path_factory, signum):
+    foreign = tmp_path_factory.mktemp("foreign")
+    init_pki(foreign, ["VIN1"])             # another CA: the broker refuses this certificate
+    config = write_agent_config(tmp_path, pki, broker.port, drive, realtime=True,
+                                credentials=foreign)
+    agent = AgentProcess(config)
+    try:
+        assert wait_until(lambda: agent.saw("uplink: cannot connect"), 30), agent.lines
+        agent.proc.send_signal(signum)
+        # Generous, and far below the 11 s this took when the stop waited for a drain.
+        agent.proc.wait(timeout=8)
+        agent.reader.join(5)
+    finally:
+        agent.kill()
+    assert agent.proc.returncode == 0, agent.lines
+    assert agent.saw("stopping: uplink not connected, not waiting for the outbox to drain")
+    assert agent.saw("message(s) queued in"), agent.lines[-3:]
+    with Outbox(tmp_path / "outbox.db") as outbox:   # what was signed stays queued
+        assert len(outbox) > 0 and outbox.stats().delivered == 0

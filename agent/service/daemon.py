@@ -152,9 +152,14 @@ class Agent:
             notifier.stopping("flushing and draining the outbox")
             self._commit(policy.flush(source.now()), source.now())
             capture = config.can.capture is not None
-            timeout = self.drain_timeout if capture and not self.stop_requested.is_set() \
-                else SHUTDOWN_DRAIN_S
-            drained = self.uplink.wait_drained(timeout)
+            stopping = self.stop_requested.is_set()
+            timeout = self.drain_timeout if capture and not stopping else SHUTDOWN_DRAIN_S
+            if stopping and not self.uplink.is_connected():
+                # An outbox that cannot drain is not waited for: it is on disk.
+                log.info("stopping: uplink not connected, not waiting for the outbox to drain")
+                drained = False
+            else:
+                drained = self.uplink.wait_drained(timeout, while_connected=stopping)
             queued = len(self.outbox)
             summary = source.summary()
             if summary:

@@ -47,6 +47,8 @@ CREDENTIALS_CHECK_S = 5.0
 CONNECT_TIMEOUT_S = 10.0
 #: A delivered entry whose delete failed (disk full) is deleted again at most this often.
 DELETE_RETRY_S = 1.0
+#: A stop waits this long for a network thread that is not connected.
+STOP_JOIN_S = 1.0
 #: After an unexpected error in the network thread, its loop restarts after this long.
 RESTART_PAUSE_S = 1.0
 
@@ -156,28 +158,40 @@ class Uplink:
         self._metrics = payload
         self._wake.set()
 
-    def wait_drained(self, timeout: float) -> bool:
-        """Until the outbox is empty (True) or ``timeout`` seconds passed (False)."""
+    def wait_drained(self, timeout: float, *, while_connected: bool = False) -> bool:
+        """Until the outbox is empty (True) or ``timeout`` seconds passed (False).
+
+        ``while_connected``: give up as soon as the uplink is not connected (a stop must not
+        wait for an outbox that cannot drain).
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if len(self.outbox) == 0:
                 return True
+            if while_connected and not self.is_connected():
+                return False
             self._wake.set()
             time.sleep(0.05)
         return len(self.outbox) == 0
 
     def stop(self, offline_timeout: float = 3.0) -> None:
-        """Publish ``offline`` (retained) if connected, disconnect cleanly, end the thread."""
+        """Publish ``offline`` (retained) if connected, disconnect cleanly, end the thread.
+
+        Not connected, the thread is given only :data:`STOP_JOIN_S`: it may be inside a
+        blocking connect or TLS probe, and it is a daemon thread that ends with the process
+        (what it has not sent stays in the outbox).
+        """
         if self._thread is None:
             return
-        if self.connected.is_set():
+        connected = self.is_connected()
+        if connected:
             self._status_acked.clear()
             self._want_offline = True
             self._wake.set()
             self._status_acked.wait(offline_timeout)
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=10 if connected else STOP_JOIN_S)
         self._thread = None
 
     # -- the network thread -----------------------------------------------------------------
@@ -193,6 +207,8 @@ class Uplink:
                     return
                 except Exception as exc:  # noqa: BLE001 - the uplink must outlive any bug
                     self.connected.clear()
+                    if self._stop.is_set():
+                        return   # stopping (the outbox may be closed under a late thread)
                     self.counters.restarts += 1
                     log.error("uplink: network thread failed (%s: %s); restarting it "
                               "(%d restart(s) so far)", type(exc).__name__, exc,
