@@ -4,6 +4,7 @@ faults are injected into the outbox the uplink drains."""
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sqlite3
@@ -16,6 +17,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import MqttConfig
+from agent.dev.broker import free_port
+from agent.errors import KeyFileError, TransientError
+from agent.uplink.signing import b64url_decode
 from agent.dev.pki import init_pki
 from agent.service.daemon import Agent
 from agent.uplink.mqtt import Uplink
@@ -223,3 +227,33 @@ def test_stop_without_a_connection_does_not_wait_to_drain(tmp_path, pki, broker,
     assert agent.saw("message(s) queued in"), agent.lines[-3:]
     with Outbox(tmp_path / "outbox.db") as outbox:   # what was signed stays queued
         assert len(outbox) > 0 and outbox.stats().delivered == 0
+
+
+# --------------------------------------------------------------------------- boot numbers
+
+
+def test_failed_starts_spend_no_boot_number(tmp_path, pki, drive):
+    closed_port = free_port()              # nothing listens: delivery is not the point here
+    bus_missing = write_agent_config(tmp_path, pki, closed_port, drive)
+    text = bus_missing.read_text().replace(
+        f"can: {{capture: {drive}, realtime: false}}",
+        "can: {interface: socketcan, channel: nosuchcan0}")
+    bus_missing.write_text(text)
+    for _ in range(3):                       # systemd retries every 5 s until the bus is up
+        with pytest.raises(TransientError):
+            Agent(bus_missing).run()
+    mismatched = tmp_path / "mismatch.yaml"  # the TLS key does not belong to the certificate
+    mismatched.write_text(write_agent_config(tmp_path, pki, closed_port, drive).read_text()
+                          .replace(f"cert: {pki / 'VIN1.crt'}", f"cert: {pki / 'VIN2.crt'}"))
+    with pytest.raises(KeyFileError):
+        Agent(mismatched)
+    with Outbox(tmp_path / "outbox.db", count_boot=False) as outbox:
+        assert outbox.boot == 0 and len(outbox) == 0
+    good = write_agent_config(tmp_path, pki, closed_port, drive)
+    result = Agent(good, drain_timeout=0.1).run()   # opened the bus: boot 1
+    assert result.exit_code == 1 and result.queued > 0
+    with Outbox(tmp_path / "outbox.db", count_boot=False) as outbox:
+        assert outbox.boot == 1
+        tokens = [entry.payload.decode() for entry in outbox.pending(1000)]
+    boots = {json.loads(b64url_decode(token.split(".")[1]))["boot"] for token in tokens}
+    assert boots == {1}

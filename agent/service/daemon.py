@@ -67,11 +67,16 @@ class Agent:
         self.decoder = vehicle.decoder()
         self.pipeline = SignalPipeline(self.decoder)
         self.policy = PublishPolicy(self.decoder.paths, config.policy)
+        # The boot is counted in run(), once the bus is open: a failed start spends none.
         self.outbox = open_outbox(config.store.path, max_bytes=config.store.max_bytes,
-                                  max_age_s=config.store.max_age_s)
+                                  max_age_s=config.store.max_age_s, count_boot=False)
         self.envelopes = Envelopes(self.signer, config.vehicle_id, self.outbox.boot,
                                    stream=self.outbox.stream)
-        self.uplink = Uplink(config.mqtt, config.vehicle_id, self.outbox)
+        try:
+            self.uplink = Uplink(config.mqtt, config.vehicle_id, self.outbox)
+        except BaseException:
+            self.outbox.close()
+            raise
         self.stop_requested = threading.Event()
         self.source: FrameSource | None = None
         self.notifier = Notifier.from_environ()
@@ -103,10 +108,15 @@ class Agent:
 
     def run(self) -> RunResult:
         config = self.config
+        try:
+            self.source = source = open_source(config.can, self.decoder.can_filters())
+        except BaseException:
+            self.outbox.close()
+            raise
+        self.envelopes.boot = self.outbox.count_boot()
         log.info("car-agent: vehicle %s, boot %d, %d signals from %d frame id(s), outbox %s "
                  "(%d queued)", config.vehicle_id, self.outbox.boot, len(self.decoder.paths),
                  len(self.decoder.frame_keys), config.store.path, len(self.outbox))
-        self.source = source = open_source(config.can, self.decoder.can_filters())
         self.uplink.start()
         self._check_certificate()
         # Ready once the bus is open and the uplink runs; not waiting for the broker: a car

@@ -170,6 +170,7 @@ class Outbox:
         max_bytes: int = 64 * 1024 * 1024,
         max_age_s: float = 7 * 86400,
         clock: Callable[[], float] = time.time,
+        count_boot: bool = True,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"outbox max_bytes must be positive, got {max_bytes}")
@@ -179,6 +180,7 @@ class Outbox:
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self._clock = clock
+        self._count_boot = count_boot
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         if not self.path.parent.is_dir():
@@ -231,8 +233,10 @@ class Outbox:
                     f"{self.path}: cannot open outbox: schema version {meta['schema']},"
                     f" this agent understands {SCHEMA_VERSION}"
                 )
-            boot = int(meta["boot"]) + 1
-            conn.execute(_SQL_META_SET, (boot, "boot"))
+            boot = int(meta["boot"])
+            if self._count_boot:
+                boot += 1
+                conn.execute(_SQL_META_SET, (boot, "boot"))
             count, total = conn.execute(_SQL_TOTALS).fetchone()
             conn.execute(_SQL_COMMIT)
         except BaseException:
@@ -386,6 +390,18 @@ class Outbox:
             self._bytes -= int(total)
             self._dropped_age += count
             return count
+
+    def count_boot(self) -> int:
+        """Count a start (for an outbox opened with ``count_boot=False``); return its number.
+
+        The daemon calls it once the CAN source is open, so that failed starts (no interface
+        yet, a bad key file) spend no boot number.
+        """
+        with self._lock:
+            with self._transaction() as conn:
+                conn.execute(_SQL_META_BUMP, (1, "boot"))
+                self.boot = int(conn.execute(_SQL_META_GET, ("boot",)).fetchone()[0])
+            return self.boot
 
     def _bump_meta(self, key: str) -> None:
         with self._lock:
