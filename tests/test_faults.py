@@ -257,3 +257,67 @@ def test_failed_starts_spend_no_boot_number(tmp_path, pki, drive):
         tokens = [entry.payload.decode() for entry in outbox.pending(1000)]
     boots = {json.loads(b64url_decode(token.split(".")[1]))["boot"] for token in tokens}
     assert boots == {1}
+
+
+# --------------------------------------------------------------------------- outbox age
+
+
+class Clocks:
+    """A wall clock that can be stepped, and a monotonic clock that only moves forward."""
+
+    def __init__(self, wall: float = 1_780_000_000.0) -> None:
+        self.wall = wall
+        self.mono = 500.0
+
+    def pass_time(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def outbox(self, path: Path, max_age_s: float = 100.0) -> Outbox:
+        return Outbox(path, max_age_s=max_age_s, clock=lambda: self.wall,
+                      monotonic=lambda: self.mono)
+
+
+def add_event(outbox: Outbox) -> int:
+    return outbox.add("vehicles/VIN1/events", "event", lambda seq: b"%d" % seq).seq
+
+
+def test_max_age_applies_while_running_and_ignores_wall_clock_steps(tmp_path):
+    clocks = Clocks()
+    with clocks.outbox(tmp_path / "o.db") as outbox:
+        add_event(outbox)                          # seq 1 at t=0
+        clocks.pass_time(60)
+        add_event(outbox)                          # seq 2 at t=60
+        clocks.wall -= 26 * 365 * 86400            # NTP steps the clock back to 2000...
+        clocks.pass_time(30)
+        add_event(outbox)                          # seq 3 at t=90: nothing expired
+        assert [e.seq for e in outbox.pending(10)] == [1, 2, 3]
+        clocks.wall += 52 * 365 * 86400            # ...and far ahead: still nothing
+        assert outbox.expire() == 0
+        clocks.pass_time(11)                        # t=101: seq 1 is older than 100 s
+        add_event(outbox)                          # the add applies the bound, no reopen
+        assert [e.seq for e in outbox.pending(10)] == [2, 3, 4]
+        assert outbox.stats().dropped_age == 1
+        clocks.pass_time(60)                        # t=161: seq 2 (t=60) is too old
+        assert outbox.expire() == 1 and len(outbox) == 2
+        assert outbox.stats().oldest_age_s == pytest.approx(71.0)
+
+
+@pytest.mark.parametrize("closed_for, step, kept", [
+    (50, 0, [1, 2]),                       # closed 50 s: the age goes on, nothing too old
+    (150, 0, []),                          # closed 150 s: both older than 100 s at open
+    (50, 26 * 365 * 86400, [1, 2]),        # RTC read 2000, NTP fixed it: a step, not age
+    (50, -3600, [1, 2]),                   # the clock went back while closed
+])
+def test_age_across_a_restart_counts_closed_time_but_not_clock_steps(tmp_path, closed_for,
+                                                                     step, kept):
+    clocks = Clocks(wall=946_684_800.0 if step > 0 else 1_780_000_000.0)
+    with clocks.outbox(tmp_path / "o.db") as outbox:
+        add_event(outbox)
+        clocks.pass_time(20)
+        add_event(outbox)
+    clocks.wall += closed_for + step
+    clocks.mono = 7.0                      # a new boot: the monotonic clock starts over
+    with clocks.outbox(tmp_path / "o.db") as outbox:
+        assert [e.seq for e in outbox.pending(10)] == kept
+        assert outbox.stats().dropped_age == 2 - len(kept)

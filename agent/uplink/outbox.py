@@ -14,8 +14,16 @@ message across restarts and crashes.
 
 Size bound: after each add, while the queued bytes (payload + topic) exceed ``max_bytes`` the
 oldest non-``"event"`` entry is dropped (snapshots are superseded by newer ones), then the oldest
-event; the entry just added is never dropped. Age bound: :meth:`Outbox.expire` drops entries
-older than ``max_age_s``. Both are counted in persisted counters.
+event; the entry just added is never dropped. Age bound: entries older than ``max_age_s`` are
+dropped at open, in every :meth:`Outbox.add` (so while the agent runs) and by
+:meth:`Outbox.expire`. Both are counted in persisted counters.
+
+Age clock: ``created`` is read from a clock that survives wall-clock steps (a head unit boots
+with a wrong RTC and steps it when NTP or GNSS answers). While open it advances with the
+monotonic clock; it is persisted with every write, and at the next open it advances by the
+wall-clock time that passed while closed, unless that gap is negative or longer than
+:data:`MAX_CLOSED_GAP_S` (a clock step, not time passing). It starts at the wall clock when
+the outbox is created, so it reads as Unix time while the clock is right.
 
 Stream: every outbox is created with a random stream id (:attr:`Outbox.stream`, stored in it),
 signed into every message as the claim ``stream``. A new outbox (deleted, lost, or a corrupt one
@@ -51,6 +59,8 @@ EVENT = "event"
 BUSY_TIMEOUT_S = 5.0
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # truncate the -wal file back to this after checkpoints
 MAX_REASON_CHARS = 500
+#: A wall-clock gap between two opens longer than this is taken for a clock step, not as age.
+MAX_CLOSED_GAP_S = 366 * 86400.0
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
@@ -83,6 +93,8 @@ _META_DEFAULTS = (
     ("dropped_full", 0),
     ("dropped_age", 0),
     ("quarantined", 0),
+    ("age_clock", -1),   # the age clock at the last write (-1: not started)
+    ("age_wall", -1),    # the wall clock at that moment
 )
 
 _SQL_BEGIN = "BEGIN IMMEDIATE"
@@ -113,6 +125,8 @@ _SQL_TOTALS = "SELECT count(*), total(size) FROM entries"
 _SQL_EXPIRED_TOTALS = "SELECT count(*), total(size) FROM entries WHERE created < ?"
 _SQL_EXPIRE = "DELETE FROM entries WHERE created < ?"
 _SQL_OLDEST_CREATED = "SELECT min(created) FROM entries"
+_SQL_AGE_CLOCK = "UPDATE meta SET value = CASE key WHEN 'age_clock' THEN ? ELSE ? END" \
+    " WHERE key IN ('age_clock', 'age_wall')"
 
 
 #: Random bytes in a stream id (rendered as 2 hex characters each).
@@ -141,7 +155,7 @@ class Entry:
     kind: str  # "event", "state" (full snapshot), "status", ...
     payload: bytes
     retain: bool
-    created: float  # unix seconds
+    created: float  # the outbox's age clock (Unix seconds while the wall clock is right)
 
 
 @dataclass(frozen=True)
@@ -171,7 +185,10 @@ class Outbox:
         max_age_s: float = 7 * 86400,
         clock: Callable[[], float] = time.time,
         count_boot: bool = True,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
+        """``clock`` is the wall clock, ``monotonic`` the clock that ages entries while open
+        (default: :func:`time.monotonic`, or ``clock`` itself when only ``clock`` is given)."""
         if max_bytes <= 0:
             raise ValueError(f"outbox max_bytes must be positive, got {max_bytes}")
         if max_age_s <= 0:
@@ -180,6 +197,9 @@ class Outbox:
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self._clock = clock
+        if monotonic is None:
+            monotonic = time.monotonic if clock is time.time else clock
+        self._monotonic = monotonic
         self._count_boot = count_boot
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
@@ -238,6 +258,8 @@ class Outbox:
                 boot += 1
                 conn.execute(_SQL_META_SET, (boot, "boot"))
             count, total = conn.execute(_SQL_TOTALS).fetchone()
+            self._start_age_clock(float(meta["age_clock"]), float(meta["age_wall"]))
+            self._save_age_clock(conn)
             conn.execute(_SQL_COMMIT)
         except BaseException:
             _rollback_quietly(conn)
@@ -256,6 +278,32 @@ class Outbox:
         self.expire()
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def _start_age_clock(self, saved: float, saved_wall: float) -> None:
+        wall = float(self._clock())
+        if saved < 0:
+            start = wall                       # a new outbox: Unix time
+        else:
+            gap = wall - saved_wall
+            start = saved + gap if 0 <= gap <= MAX_CLOSED_GAP_S else saved
+        self._age_base = start
+        self._mono_base = float(self._monotonic())
+
+    def age_clock(self) -> float:
+        """Now, on the clock that ``created`` and ``max_age_s`` are measured with."""
+        return self._age_base + (float(self._monotonic()) - self._mono_base)
+
+    def _save_age_clock(self, conn: sqlite3.Connection) -> None:
+        conn.execute(_SQL_AGE_CLOCK, (self.age_clock(), float(self._clock())))
+
+    def _expire_in(self, conn: sqlite3.Connection, now: float) -> tuple[int, int]:
+        """Inside a transaction: drop entries older than ``max_age_s``; (count, bytes)."""
+        cutoff = now - self.max_age_s
+        count, total = conn.execute(_SQL_EXPIRED_TOTALS, (cutoff,)).fetchone()
+        if count:
+            conn.execute(_SQL_EXPIRE, (cutoff,))
+            conn.execute(_SQL_META_BUMP, (count, "dropped_age"))
+        return count, int(total)
 
     def _connection(self) -> sqlite3.Connection:
         conn = self._conn
@@ -299,6 +347,8 @@ class Outbox:
         topic_len = len(topic.encode("utf-8"))
         with self._lock:
             with self._transaction() as conn:
+                created = self.age_clock()
+                expired, expired_bytes = self._expire_in(conn, created)
                 seq = int(conn.execute(_SQL_META_GET, ("next_seq",)).fetchone()[0])
                 payload = make_payload(seq)
                 if not isinstance(payload, (bytes, bytearray, memoryview)):
@@ -307,11 +357,11 @@ class Outbox:
                     )
                 payload = bytes(payload)
                 size = len(payload) + topic_len
-                created = float(self._clock())
                 conn.execute(_SQL_INSERT, (seq, created, size, kind, int(retain), topic, payload))
                 conn.execute(_SQL_META_SET, (seq + 1, "next_seq"))
-                count = self._count + 1
-                total = self._bytes + size
+                self._save_age_clock(conn)
+                count = self._count + 1 - expired
+                total = self._bytes + size - expired_bytes
                 dropped = 0
                 while total > self.max_bytes:
                     row = conn.execute(_SQL_OLDEST_NOT_EVENT, (seq,)).fetchone()
@@ -330,6 +380,7 @@ class Outbox:
             self._count = count
             self._bytes = total
             self._dropped_full += dropped
+            self._dropped_age += expired
             return Entry(seq, topic, kind, payload, bool(retain), created)
 
     def pending(self, limit: int, exclude: Collection[int] = ()) -> list[Entry]:
@@ -380,14 +431,11 @@ class Outbox:
     def expire(self) -> int:
         """Drop entries created more than ``max_age_s`` ago; return how many were dropped."""
         with self._lock:
-            cutoff = float(self._clock()) - self.max_age_s
             with self._transaction() as conn:
-                count, total = conn.execute(_SQL_EXPIRED_TOTALS, (cutoff,)).fetchone()
-                if count:
-                    conn.execute(_SQL_EXPIRE, (cutoff,))
-                    conn.execute(_SQL_META_BUMP, (count, "dropped_age"))
+                count, total = self._expire_in(conn, self.age_clock())
+                self._save_age_clock(conn)
             self._count -= count
-            self._bytes -= int(total)
+            self._bytes -= total
             self._dropped_age += count
             return count
 
@@ -413,7 +461,7 @@ class Outbox:
     def stats(self) -> OutboxStats:
         with self._lock:
             oldest = self._connection().execute(_SQL_OLDEST_CREATED).fetchone()[0]
-            age = None if oldest is None else max(0.0, float(self._clock()) - oldest)
+            age = None if oldest is None else max(0.0, self.age_clock() - oldest)
             return OutboxStats(
                 queued=self._count,
                 queued_bytes=self._bytes,
