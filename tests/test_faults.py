@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sqlite3
 import subprocess
@@ -23,8 +24,8 @@ from agent.uplink.signing import b64url_decode
 from agent.dev.pki import init_pki
 from agent.service.daemon import Agent
 from agent.uplink.mqtt import Uplink
-from agent.uplink.outbox import Outbox
-from agentrun import simulated_drive, write_agent_config
+from agent.uplink.outbox import Outbox, OutboxInUse
+from agentrun import run_agent, simulated_drive, write_agent_config
 
 pytestmark = pytest.mark.mqtt
 
@@ -321,3 +322,39 @@ def test_age_across_a_restart_counts_closed_time_but_not_clock_steps(tmp_path, c
     with clocks.outbox(tmp_path / "o.db") as outbox:
         assert [e.seq for e in outbox.pending(10)] == kept
         assert outbox.stats().dropped_age == 2 - len(kept)
+
+
+# --------------------------------------------------------------------------- one outbox, one agent
+
+
+def test_outbox_lock_refuses_a_second_holder_until_closed(tmp_path):
+    path = tmp_path / "o.db"
+    with Outbox(path, lock=True):
+        with pytest.raises(OutboxInUse) as refused:
+            Outbox(path, lock=True)
+        assert str(refused.value) == (f"{path}: outbox in use by process {os.getpid()} (another "
+                                      "car-agent on the same store.path?); refusing to start a "
+                                      "second one")
+        assert refused.value.exit_code == 75
+    with Outbox(path, lock=True) as outbox:          # released on close
+        assert outbox.boot == 2
+
+
+def test_a_second_agent_on_the_same_outbox_is_refused_with_one_line(tmp_path, pki, broker,
+                                                                    drive):
+    config = write_agent_config(tmp_path, pki, broker.port, drive, realtime=True)
+    first = AgentProcess(config)
+    try:
+        assert wait_until(lambda: first.saw("uplink: connected"), 30), first.lines
+        second = run_agent(config, timeout=60)
+        assert second.returncode == 75, second.stderr
+        assert second.stderr.splitlines() == [
+            f"car-agent run: error: {tmp_path / 'outbox.db'}: outbox in use by process "
+            f"{first.proc.pid} (another car-agent on the same store.path?); refusing to start "
+            "a second one"]
+        assert first.proc.poll() is None             # the first one is undisturbed
+        first.proc.send_signal(signal.SIGTERM)
+        first.proc.wait(timeout=30)
+    finally:
+        first.kill()
+    assert first.proc.returncode == 0

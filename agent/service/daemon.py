@@ -69,7 +69,8 @@ class Agent:
         self.policy = PublishPolicy(self.decoder.paths, config.policy)
         # The boot is counted in run(), once the bus is open: a failed start spends none.
         self.outbox = open_outbox(config.store.path, max_bytes=config.store.max_bytes,
-                                  max_age_s=config.store.max_age_s, count_boot=False)
+                                  max_age_s=config.store.max_age_s, count_boot=False,
+                                  lock=True)
         self.envelopes = Envelopes(self.signer, config.vehicle_id, self.outbox.boot,
                                    stream=self.outbox.stream)
         try:

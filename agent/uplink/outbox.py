@@ -30,6 +30,11 @@ signed into every message as the claim ``stream``. A new outbox (deleted, lost, 
 quarantined by :func:`open_outbox`) starts a new stream whose ``seq`` restarts at 1; the cloud
 tracks ``(vid, stream, seq)``, so that is not taken for a replay.
 
+One process: with ``lock=True`` (the daemon) the outbox is locked exclusively (``flock`` on
+``<path>.lock``, which holds the owner's pid) for as long as it is open; a second agent on the
+same outbox is refused with :class:`OutboxInUse` (exit 75: a service manager retries until
+the other copy is gone) instead of publishing the same entries under the same client id.
+
 Thread safety: one connection shared by the daemon thread (add) and the MQTT network thread
 (delete / record_failure), serialised by a lock. ``make_payload`` runs with the lock held and
 inside the write transaction, so it must be quick; it may call the read-only methods
@@ -39,6 +44,7 @@ inside the write transaction, so it must be quick; it may call the read-only met
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import logging
 import os
 import secrets
@@ -50,7 +56,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, TransientError
 
 log = logging.getLogger("car_agent.outbox")
 
@@ -146,6 +152,10 @@ class OutboxCorrupt(ConfigError):
         self.reason = reason
 
 
+class OutboxInUse(TransientError):
+    """Another process holds the outbox's lock."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """One queued message."""
@@ -186,6 +196,7 @@ class Outbox:
         clock: Callable[[], float] = time.time,
         count_boot: bool = True,
         monotonic: Callable[[], float] | None = None,
+        lock: bool = False,
     ) -> None:
         """``clock`` is the wall clock, ``monotonic`` the clock that ages entries while open
         (default: :func:`time.monotonic`, or ``clock`` itself when only ``clock`` is given)."""
@@ -203,10 +214,20 @@ class Outbox:
         self._count_boot = count_boot
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         if not self.path.parent.is_dir():
             raise ConfigError(
                 f"{self.path}: cannot open outbox: directory {self.path.parent} does not exist"
             )
+        if lock:
+            self._lock_fd = _lock_exclusively(self.path)
+        try:
+            self._connect()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _connect(self) -> None:
         try:
             conn = sqlite3.connect(
                 str(self.path),
@@ -484,12 +505,39 @@ class Outbox:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.close()
+            self._unlock()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)   # releases the flock
 
     def __enter__(self) -> Outbox:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _lock_exclusively(path: Path) -> int:
+    """Take ``<path>.lock`` (flock, not waiting) and write our pid into it; return its fd."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open outbox: cannot create {lock_path}: "
+                          f"{exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        raise OutboxInUse(f"{path}: outbox in use by {who} (another car-agent on the same "
+                          "store.path?); refusing to start a second one") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def open_outbox(path: str | Path, **options) -> Outbox:
