@@ -18,14 +18,18 @@ from pathlib import Path
 import pytest
 
 from agent.config import MqttConfig
-from agent.dev.broker import free_port
+from agent.dev.broker import DevBroker, free_port
 from agent.errors import KeyFileError, TransientError
-from agent.uplink.signing import b64url_decode
+from agent.uplink.signing import Signer, b64url_decode
 from agent.dev.pki import init_pki
 from agent.service.daemon import Agent
-from agent.uplink.mqtt import Uplink
+from agent.signals.state import VehicleState
+from agent.signals.vehicle import load_vehicle
+from agent.uplink.envelope import Envelopes, snapshot_size_bound
+from agent.uplink.mqtt import Uplink, publish_packet_size
 from agent.uplink.outbox import Outbox, OutboxInUse
-from agentrun import run_agent, simulated_drive, write_agent_config
+from conftest import running_broker
+from agentrun import REPO, run_agent, simulated_drive, write_agent_config
 
 pytestmark = pytest.mark.mqtt
 
@@ -358,3 +362,80 @@ def test_a_second_agent_on_the_same_outbox_is_refused_with_one_line(tmp_path, pk
     finally:
         first.kill()
     assert first.proc.returncode == 0
+
+
+# --------------------------------------------------------------------------- maximum packet size
+
+SMALL_PACKETS = 2048
+
+
+@pytest.fixture
+def small_broker(pki, tmp_path_factory, request):
+    """A broker announcing a Maximum Packet Size of 2 KiB in its CONNACK."""
+    dev = DevBroker(pki, tmp_path_factory.mktemp("small"),
+                    extra_conf=f"max_packet_size {SMALL_PACKETS}")
+    yield from running_broker(dev, request)
+
+
+def test_a_message_over_the_brokers_maximum_packet_size_is_dropped_not_resent(
+        tmp_path, pki, small_broker, uplinks, caplog):
+    outbox = Outbox(tmp_path / "o.db")
+    topic = "vehicles/VIN1/state"
+    sizes = [100, 3000, 200]
+    for pad in sizes:
+        outbox.add(topic, "state", lambda seq, pad=pad: b"%d" % seq + b"x" * pad)
+    uplink = Uplink(mqtt_config(pki, small_broker.port), "VIN1", outbox)
+    uplinks.append(uplink)
+    with caplog.at_level(logging.ERROR, logger="car_agent.uplink"):
+        uplink.start()
+        assert wait_until(lambda: len(outbox) == 0), uplink.status_line()
+    assert uplink.max_packet == SMALL_PACKETS                 # learnt from the CONNACK
+    stats = outbox.stats()
+    assert (stats.delivered, stats.dropped_oversize) == (2, 1)
+    assert uplink.counters.oversize == 1 and uplink.counters.connects == 1   # no flapping
+    [line] = [r.getMessage() for r in caplog.records if "maximum packet size" in r.getMessage()]
+    assert line == ("uplink: seq 2 (state, 3028 bytes as an MQTT packet) exceeds the maximum "
+                    "packet size of 2048 bytes; dropped, never sent (1 so far)")
+    outbox.close()
+
+
+def test_publish_packet_size_counts_the_mqtt_framing():
+    # fixed header 1 + remaining length (1 byte below 128) + topic 2+1 + packet id 2 + props 1
+    assert publish_packet_size("t", b"") == 1 + 1 + 3 + 2 + 1
+    assert publish_packet_size("t", b"x" * 121) == 2 + 127
+    assert publish_packet_size("t", b"x" * 122) == 3 + 128
+
+
+def snapshot_config(tmp_path: Path, limit: int) -> Path:
+    path = tmp_path / "check.yaml"
+    path.write_text(f"""\
+vehicle_id: VIN1
+dbc: [{REPO / 'dbc' / 'demo_vehicle.dbc'}]
+mapping: {REPO / 'config' / 'mapping' / 'demo_vehicle.yaml'}
+mqtt: {{host: broker.example, ca: ca.crt, cert: c.crt, key: c.key, max_packet_bytes: {limit}}}
+""")
+    return path
+
+
+@pytest.mark.parametrize("limit, warned", [(4096, True), (128 * 1024, False)])
+def test_check_config_warns_when_a_full_snapshot_can_exceed_the_limit(tmp_path, limit, warned):
+    result = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config",
+                             str(snapshot_config(tmp_path, limit))],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "mqtt.max_packet_bytes" in line]
+    assert len(warnings) == int(warned), result.stderr
+    if warned:
+        assert warnings[0].startswith(f"warning: {tmp_path / 'check.yaml'}: a full snapshot of "
+                                      "the 19 mapped signals can reach ")
+
+
+def test_snapshot_size_bound_holds_for_a_real_signed_snapshot(pki):
+    decoder = load_vehicle(REPO / "config" / "demo.yaml").decoder()
+    state = VehicleState(decoder.paths)
+    state.apply(0.0, [(i, -123456.78901234, "valid") for i in range(len(decoder.paths))])
+    signer = Signer.from_file(pki / "VIN1.signing.key")
+    envelopes = Envelopes(signer, "VIN1", 7, stream="f" * 20)
+    token = envelopes.state(state, 1234.5)(2**40)
+    bound = snapshot_size_bound(decoder.paths, "VIN1")
+    assert len(token) <= bound < 2 * len(token)

@@ -211,7 +211,8 @@ class Agent:
             "outbox": {"queued": outbox.queued, "bytes": outbox.queued_bytes,
                        "dropped_full": outbox.dropped_full, "dropped_age": outbox.dropped_age,
                        "refused": outbox.failed, "store_errors": self.store_errors,
-                       "quarantined": outbox.quarantined, "stream": self.outbox.stream},
+                       "quarantined": outbox.quarantined,
+                       "dropped_oversize": outbox.dropped_oversize, "stream": self.outbox.stream},
         }
         uplink = self.uplink.counters
         metrics["uplink"] = {"connected": self.uplink.is_connected(),

@@ -76,6 +76,14 @@ def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
     return context
 
 
+def publish_packet_size(topic: str, payload: bytes) -> int:
+    """Bytes of an MQTT 5 PUBLISH at QoS 1 without properties (what Maximum Packet Size limits)."""
+    remaining = 2 + len(topic.encode("utf-8")) + 2 + 1 + len(payload)
+    length_bytes = 1 if remaining < 128 else 2 if remaining < 16_384 else \
+        3 if remaining < 2_097_152 else 4
+    return 1 + length_bytes + remaining
+
+
 def certificate_expiry(path: Path) -> dt.datetime | None:
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
@@ -92,6 +100,7 @@ class UplinkCounters:
     connects: int = 0
     connect_failures: int = 0
     store_errors: int = 0          # outbox errors on a PUBACK (the entry is kept, retried)
+    oversize: int = 0              # entries larger than the broker accepts: dropped
     restarts: int = 0              # network loop restarted after an unexpected error
     refused_codes: dict[str, int] = field(default_factory=dict)
 
@@ -114,6 +123,7 @@ class Uplink:
         self._retry_at: dict[int, float] = {}       # seq -> monotonic time it may be retried
         self._acked: set[int] = set()                # delivered, but the delete failed: retry
         self._next_delete_retry = 0.0
+        self.max_packet = config.max_packet_bytes   # lowered by the broker's CONNACK
         self._status_mid: int | None = None
         self._status_acked = threading.Event()
         self._metrics: bytes | None = None
@@ -264,7 +274,8 @@ class Uplink:
                     self._publish_offline(client)
                 if self._metrics is not None:
                     payload, self._metrics = self._metrics, None
-                    client.publish(self.topics["metrics"], payload, qos=0)
+                    if publish_packet_size(self.topics["metrics"], payload) <= self.max_packet:
+                        client.publish(self.topics["metrics"], payload, qos=0)
                 self._pump(client)
             if self._wake.is_set():
                 self._wake.clear()
@@ -348,11 +359,30 @@ class Uplink:
                 else:
                     del self._retry_at[seq]
         for entry in self.outbox.pending(room, exclude=blocked):
+            if publish_packet_size(entry.topic, entry.payload) > self.max_packet:
+                self._drop_oversize(entry)
+                continue
             info = client.publish(entry.topic, entry.payload, qos=1, retain=entry.retain)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 break
             self._inflight[info.mid] = entry.seq
             self.counters.published += 1
+
+    def _drop_oversize(self, entry) -> None:
+        """A broker closes the connection on a packet over its maximum, and paho resends it
+        after the reconnect: sent, it would make the vehicle flap for ever. Drop and count."""
+        self.counters.oversize += 1
+        size = publish_packet_size(entry.topic, entry.payload)
+        try:
+            self.outbox.drop_oversize(entry.seq)
+        except sqlite3.Error as exc:
+            self.counters.store_errors += 1
+            self._retry_at[entry.seq] = time.monotonic() + FAILED_RETRY_S
+            log.error("uplink: cannot drop oversize seq %d: %s", entry.seq, exc)
+            return
+        log.error("uplink: seq %d (%s, %d bytes as an MQTT packet) exceeds the maximum packet "
+                  "size of %d bytes; dropped, never sent (%d so far)", entry.seq, entry.kind,
+                  size, self.max_packet, self.counters.oversize)
 
     def _publish_offline(self, client: mqtt.Client) -> None:
         self._want_offline = False
@@ -367,6 +397,10 @@ class Uplink:
                          f"{reason_code}")
             return
         self.counters.connects += 1
+        # The broker's CONNACK may announce a Maximum Packet Size: never send more.
+        broker_max = getattr(properties, "MaximumPacketSize", None) if properties else None
+        self.max_packet = min(self.config.max_packet_bytes,
+                              broker_max or self.config.max_packet_bytes)
         if self.last_error:
             log.info("uplink: connected to %s:%s after: %s", self.config.host,
                      self.config.port, self.last_error)

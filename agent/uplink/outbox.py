@@ -99,6 +99,7 @@ _META_DEFAULTS = (
     ("dropped_full", 0),
     ("dropped_age", 0),
     ("quarantined", 0),
+    ("dropped_oversize", 0),
     ("age_clock", -1),   # the age clock at the last write (-1: not started)
     ("age_wall", -1),    # the wall clock at that moment
 )
@@ -182,6 +183,7 @@ class OutboxStats:
     next_seq: int
     boot: int
     quarantined: int = 0
+    dropped_oversize: int = 0
 
 
 class Outbox:
@@ -289,6 +291,7 @@ class Outbox:
         self.boot = boot
         self.stream: str = stream
         self._quarantined = int(meta["quarantined"])
+        self._dropped_oversize = int(meta["dropped_oversize"])
         self._next_seq = int(meta["next_seq"])
         self._delivered = int(meta["delivered"])
         self._failed = int(meta["failed"])
@@ -437,6 +440,19 @@ class Outbox:
                 self._bytes -= row[0]
                 self._delivered += 1
 
+    def drop_oversize(self, seq: int) -> None:
+        """``seq`` can never be sent (larger than the broker accepts): remove it, count it."""
+        with self._lock:
+            with self._transaction() as conn:
+                row = conn.execute(_SQL_SIZE, (seq,)).fetchone()
+                if row is not None:
+                    conn.execute(_SQL_DELETE, (seq,))
+                    conn.execute(_SQL_META_BUMP, (1, "dropped_oversize"))
+            if row is not None:
+                self._count -= 1
+                self._bytes -= row[0]
+                self._dropped_oversize += 1
+
     def record_failure(self, seq: int, reason: str) -> None:
         """The broker refused ``seq``: keep the entry, store ``reason`` on it, count a failure.
 
@@ -494,6 +510,7 @@ class Outbox:
                 next_seq=self._next_seq,
                 boot=self.boot,
                 quarantined=self._quarantined,
+                dropped_oversize=self._dropped_oversize,
             )
 
     def __len__(self) -> int:
