@@ -430,28 +430,28 @@ class Outbox:
         is ignored and not counted.
         """
         with self._lock:
-            with self._transaction() as conn:
-                row = conn.execute(_SQL_SIZE, (seq,)).fetchone()
-                if row is not None:
-                    conn.execute(_SQL_DELETE, (seq,))
-                    conn.execute(_SQL_META_BUMP, (1, "delivered"))
-            if row is not None:
-                self._count -= 1
-                self._bytes -= row[0]
+            if self._remove(seq, "delivered"):
                 self._delivered += 1
 
     def drop_oversize(self, seq: int) -> None:
         """``seq`` can never be sent (larger than the broker accepts): remove it, count it."""
         with self._lock:
+            if self._remove(seq, "dropped_oversize"):
+                self._dropped_oversize += 1
+
+    def _remove(self, seq: int, counter: str) -> bool:
+        """Delete ``seq`` and bump the persisted ``counter``; False if it was not queued."""
+        with self._lock:
             with self._transaction() as conn:
                 row = conn.execute(_SQL_SIZE, (seq,)).fetchone()
                 if row is not None:
                     conn.execute(_SQL_DELETE, (seq,))
-                    conn.execute(_SQL_META_BUMP, (1, "dropped_oversize"))
-            if row is not None:
-                self._count -= 1
-                self._bytes -= row[0]
-                self._dropped_oversize += 1
+                    conn.execute(_SQL_META_BUMP, (1, counter))
+            if row is None:
+                return False
+            self._count -= 1
+            self._bytes -= row[0]
+            return True
 
     def record_failure(self, seq: int, reason: str) -> None:
         """The broker refused ``seq``: keep the entry, store ``reason`` on it, count a failure.
