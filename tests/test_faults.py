@@ -23,12 +23,16 @@ from agent.errors import KeyFileError, TransientError
 from agent.uplink.signing import Signer, b64url_decode
 from agent.dev.pki import init_pki
 from agent.service.daemon import Agent
+from agent.signals.model import Change
+from agent.signals.policy import Outgoing
 from agent.signals.state import VehicleState
 from agent.signals.vehicle import load_vehicle
 from agent.uplink.envelope import Envelopes, snapshot_size_bound
 from agent.uplink.mqtt import Uplink, publish_packet_size
+from agent.uplink import outbox as outbox_module
 from agent.uplink.outbox import Outbox, OutboxInUse
 from conftest import running_broker
+from coredata import IS_OPEN
 from agentrun import REPO, run_agent, simulated_drive, write_agent_config
 
 pytestmark = pytest.mark.mqtt
@@ -439,3 +443,30 @@ def test_snapshot_size_bound_holds_for_a_real_signed_snapshot(pki):
     token = envelopes.state(state, 1234.5)(2**40)
     bound = snapshot_size_bound(decoder.paths, "VIN1")
     assert len(token) <= bound < 2 * len(token)
+
+
+# --------------------------------------------------------------------------- outbox locked
+
+
+def test_an_outbox_locked_by_another_process_keeps_the_signed_event_pending(
+        tmp_path, pki, drive, monkeypatch):
+    monkeypatch.setattr(outbox_module, "BUSY_TIMEOUT_S", 0.2)   # the real one waits 5 s
+    config = write_agent_config(tmp_path, pki, free_port(), drive)
+    agent = Agent(config)
+    door = IS_OPEN[0]
+    other = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")         # e.g. an sqlite3 shell holding the write lock
+        agent._commit([Outgoing("event", (Change(1.0, door, True, "valid"),))], 1.0)
+        assert len(agent.outbox) == 0 and agent.store_errors == 0
+        other.execute("ROLLBACK")
+        agent._locked_until = 0.0                # the retry is due (as a second later)
+        agent._commit([Outgoing("event", (Change(2.0, door, False, "valid"),))], 2.0)
+        entries = agent.outbox.pending(10)
+        signals = [json.loads(b64url_decode(e.payload.decode().split(".")[1]))["signals"]
+                   for e in entries]
+        assert signals == [{door: True}, {door: False}]   # kept, and in order
+        assert [e.seq for e in entries] == [1, 2] and agent.store_errors == 0
+    finally:
+        other.close()
+        agent.outbox.close()

@@ -14,7 +14,9 @@ import signal
 import sqlite3
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from agent.service import logsetup
 from agent.uplink.envelope import Envelopes
@@ -34,6 +36,10 @@ RECV_TIMEOUT_S = 0.05
 SHUTDOWN_DRAIN_S = 5.0
 #: How often the main loop checks that the uplink's network thread is still there.
 UPLINK_CHECK_S = 1.0
+#: An outbox locked by another process is tried again this often (each try waits for the
+#: outbox's busy timeout); at most MAX_UNSTORED messages wait meanwhile.
+LOCKED_RETRY_S = 1.0
+MAX_UNSTORED = 1000
 
 
 @dataclass
@@ -85,6 +91,10 @@ class Agent:
         self.cert_warning: str | None = None
         self._last_health: tuple[float, int] | None = None   # (monotonic time, frames)
         self.store_errors = 0
+        # Signed, not yet stored (outbox locked by another process): (topic, kind, payload
+        # factory, retain), oldest first.
+        self._unstored: deque[tuple[str, str, Callable[[int], bytes], bool]] = deque()
+        self._locked_until = 0.0
 
     def request_stop(self, *_: object) -> None:
         self.stop_requested.set()
@@ -92,20 +102,53 @@ class Agent:
     def _commit(self, outgoing: list[Outgoing], now: float) -> None:
         topics = self.uplink.topics
         for item in outgoing:
+            if item.kind == "event":
+                self._unstored.append((topics["events"], "event",
+                                       self.envelopes.event(item.changes), False))
+            else:
+                self._unstored.append((topics["state"], "state",
+                                       self.envelopes.state(self.pipeline.state, now), True))
+        if self._unstored:
+            self._store_unstored()
+
+    def _store_unstored(self) -> None:
+        """Store the messages signed but not yet stored, in order.
+
+        The outbox locked by another process (busy for longer than its timeout) keeps them
+        pending, retried at most every :data:`LOCKED_RETRY_S`: the policy counted them as sent.
+        Disk full or an I/O error costs the message (the next snapshot carries its values) but
+        not the daemon nor anything already queued.
+        """
+        pending = self._unstored
+        if self._locked_until > time.monotonic():
+            return
+        stored = False
+        while pending:
+            topic, kind, make_payload, retain = pending[0]
             try:
-                if item.kind == "event":
-                    self.outbox.add(topics["events"], "event", self.envelopes.event(item.changes))
-                else:
-                    self.outbox.add(topics["state"], "state",
-                                    self.envelopes.state(self.pipeline.state, now), retain=True)
+                self.outbox.add(topic, kind, make_payload, retain=retain)
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    self._locked_until = time.monotonic() + LOCKED_RETRY_S
+                    if len(pending) > MAX_UNSTORED:
+                        pending.popleft()
+                        self.store_errors += 1
+                    log.error("outbox: locked by another process (%s); %d message(s) kept "
+                              "pending and retried", exc, len(pending))
+                    break
+                self._store_failed(kind, exc)
             except sqlite3.Error as exc:
-                # Disk full or an I/O error: this message is lost (the next snapshot carries
-                # its values) but the daemon and everything already queued are not.
-                self.store_errors += 1
-                log.error("outbox: cannot store a %s message (%d so far): %s", item.kind,
-                          self.store_errors, exc)
-        if outgoing:
+                self._store_failed(kind, exc)
+            else:
+                stored = True
+            pending.popleft()
+        if stored:
             self.uplink.wake()
+
+    def _store_failed(self, kind: str, exc: Exception) -> None:
+        self.store_errors += 1
+        log.error("outbox: cannot store a %s message (%d so far): %s", kind, self.store_errors,
+                  exc)
 
     def run(self) -> RunResult:
         config = self.config
@@ -144,7 +187,7 @@ class Agent:
                     policy.observe(changes)
                 now = source.now()
                 outgoing = policy.due(now)
-                if outgoing:
+                if outgoing or self._unstored:
                     self._commit(outgoing, now)
                 if time.monotonic() >= next_check:
                     mono = time.monotonic()
@@ -161,6 +204,7 @@ class Agent:
                         self._report_health()
             # Capture finished or stop requested: what the policy holds goes out now.
             notifier.stopping("flushing and draining the outbox")
+            self._locked_until = 0.0    # one more try for anything still pending
             self._commit(policy.flush(source.now()), source.now())
             capture = config.can.capture is not None
             stopping = self.stop_requested.is_set()
