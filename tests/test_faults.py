@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -469,4 +470,46 @@ def test_an_outbox_locked_by_another_process_keeps_the_signed_event_pending(
         assert [e.seq for e in entries] == [1, 2] and agent.store_errors == 0
     finally:
         other.close()
+        agent.outbox.close()
+
+
+# --------------------------------------------------------------------------- signing key rotation
+
+
+def test_a_rotated_signing_key_is_re_read_and_an_unusable_one_ignored(tmp_path, pki, drive,
+                                                                     tmp_path_factory, caplog):
+    key = tmp_path / "signing.key"
+    shutil.copy(pki / "VIN1.signing.key", key)
+    key.chmod(0o600)
+    config = write_agent_config(tmp_path, pki, free_port(), drive)
+    config.write_text(config.read_text().replace(str(pki / "VIN1.signing.key"), str(key)))
+    rotated = tmp_path_factory.mktemp("rotated")
+    init_pki(rotated, ["VIN1"])                      # a new signing key for the same car
+    old_kid = Signer.from_file(pki / "VIN1.signing.key").kid
+    new_kid = Signer.from_file(rotated / "VIN1.signing.key").kid
+    agent = Agent(config)
+    door = IS_OPEN[0]
+
+    def kid_of_next_event() -> str:
+        agent._commit([Outgoing("event", (Change(1.0, door, True, "valid"),))], 1.0)
+        token = agent.outbox.pending(1000)[-1].payload.decode()
+        return json.loads(b64url_decode(token.split(".")[0]))["kid"]
+
+    try:
+        assert kid_of_next_event() == old_kid
+        staged = tmp_path / "staged.key"
+        staged.write_bytes(b"-----BEGIN PRIVATE KEY-----\nhalf writ")
+        staged.chmod(0o600)
+        os.replace(staged, key)                      # unusable: the current key stays
+        with caplog.at_level(logging.WARNING, logger="car_agent.daemon"):
+            agent._reload_signing_key()
+        assert kid_of_next_event() == old_kid
+        assert any("key file changed but is not usable" in r.getMessage()
+                   for r in caplog.records)
+        shutil.copy(rotated / "VIN1.signing.key", staged)
+        staged.chmod(0o600)
+        os.replace(staged, key)                      # the rotation proper
+        agent._reload_signing_key()
+        assert kid_of_next_event() == new_kid
+    finally:
         agent.outbox.close()

@@ -20,7 +20,8 @@ from typing import Callable
 
 from agent.service import logsetup
 from agent.uplink.envelope import Envelopes
-from agent.uplink.keyfiles import certificate_expiry_warning, check_private_key_file
+from agent.errors import KeyFileError
+from agent.uplink.keyfiles import FileWatcher, certificate_expiry_warning, check_private_key_file
 from agent.uplink.outbox import open_outbox
 from agent.signals.policy import Outgoing, PublishPolicy
 from agent.service.sdnotify import Notifier
@@ -40,6 +41,8 @@ UPLINK_CHECK_S = 1.0
 #: outbox's busy timeout); at most MAX_UNSTORED messages wait meanwhile.
 LOCKED_RETRY_S = 1.0
 MAX_UNSTORED = 1000
+#: How often the signing key file is checked for a rotation.
+SIGNING_KEY_CHECK_S = 5.0
 
 
 @dataclass
@@ -70,6 +73,8 @@ class Agent:
         check_private_key_file(config.signing.key, "signing.key")
         check_private_key_file(config.mqtt.key, "mqtt.key")
         self.signer = Signer.from_file(config.signing.key)
+        self._signing_key_file = FileWatcher([config.signing.key])
+        self._next_key_check = 0.0
         self.decoder = vehicle.decoder()
         self.pipeline = SignalPipeline(self.decoder)
         self.policy = PublishPolicy(self.decoder.paths, config.policy)
@@ -199,6 +204,8 @@ class Agent:
                                   "service manager restarts the agent")
                         return RunResult(1, len(self.outbox), "uplink network thread ended; "
                                          f"{len(self.outbox)} message(s) stay queued")
+                    if mono >= self._next_key_check:
+                        self._reload_signing_key()
                     if mono >= next_stats:
                         next_stats = mono + interval
                         self._report_health()
@@ -235,6 +242,26 @@ class Agent:
             source.close()
             self.outbox.close()
             self.notifier.close()
+
+    def _reload_signing_key(self) -> None:
+        """A rotated signing key (the file changed) signs from the next message on.
+
+        An unusable new file (half written, wrong mode, not a key) keeps the current key; the
+        next change of the file is tried again.
+        """
+        self._next_key_check = time.monotonic() + SIGNING_KEY_CHECK_S
+        if not self._signing_key_file.changed():
+            return
+        path = self.config.signing.key
+        try:
+            check_private_key_file(path, "signing.key")
+            signer = Signer.from_file(path)
+        except KeyFileError as exc:
+            log.warning("signing: the key file changed but is not usable (%s); keeping the "
+                        "current key (kid %s)", exc, self.signer.kid)
+            return
+        self.signer = self.envelopes.signer = signer
+        log.info("signing: key file changed; signing with kid %s from now on", signer.kid)
 
     def _report_health(self) -> None:
         """Log a stats line and publish the metrics topic (bus health, queue, uplink)."""
