@@ -36,8 +36,6 @@ from conftest import running_broker
 from coredata import IS_OPEN
 from agentrun import REPO, run_agent, simulated_drive, write_agent_config
 
-pytestmark = pytest.mark.mqtt
-
 DISK_FULL = "database or disk is full"
 
 
@@ -86,6 +84,7 @@ def uplinks():
         uplink.stop(offline_timeout=0.5)
 
 
+@pytest.mark.mqtt
 def test_disk_full_on_puback_keeps_the_entry_and_retries(tmp_path, pki, broker, uplinks,
                                                          caplog):
     outbox = FailingOutbox(tmp_path / "o.db", "delete",
@@ -111,6 +110,7 @@ def test_disk_full_on_puback_keeps_the_entry_and_retries(tmp_path, pki, broker, 
     outbox.close()
 
 
+@pytest.mark.mqtt
 def test_an_unexpected_error_in_the_network_thread_restarts_it(tmp_path, pki, broker, uplinks,
                                                                caplog):
     outbox = FailingOutbox(tmp_path / "o.db", "pending", RuntimeError("a bug"), times=1)
@@ -135,6 +135,7 @@ def raise_fatal(*args, **kwargs):
     raise Fatal("end of the thread")
 
 
+@pytest.mark.mqtt
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_network_thread_never_claims_connected(tmp_path, pki, broker, uplinks):
     outbox = Outbox(tmp_path / "o.db")
@@ -177,6 +178,7 @@ class AgentThread:
         self.thread.join(30)
 
 
+@pytest.mark.mqtt
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_the_daemon_stops_with_exit_1_when_the_network_thread_is_gone(tmp_path, pki, broker,
                                                                       drive):
@@ -216,6 +218,7 @@ class AgentProcess:
         self.proc.wait()
 
 
+@pytest.mark.mqtt
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_stop_without_a_connection_does_not_wait_to_drain(tmp_path, pki, broker, drive,
                                                           tmp_path_factory, signum):
@@ -349,6 +352,7 @@ def test_outbox_lock_refuses_a_second_holder_until_closed(tmp_path):
         assert outbox.boot == 2
 
 
+@pytest.mark.mqtt
 def test_a_second_agent_on_the_same_outbox_is_refused_with_one_line(tmp_path, pki, broker,
                                                                     drive):
     config = write_agent_config(tmp_path, pki, broker.port, drive, realtime=True)
@@ -382,6 +386,7 @@ def small_broker(pki, tmp_path_factory, request):
     yield from running_broker(dev, request)
 
 
+@pytest.mark.mqtt
 def test_a_message_over_the_brokers_maximum_packet_size_is_dropped_not_resent(
         tmp_path, pki, small_broker, uplinks, caplog):
     outbox = Outbox(tmp_path / "o.db")

@@ -173,6 +173,7 @@ class Watch:
             assert self.cond.wait_for(lambda: offline() >= count, 30), self.records[-5:]
 
 
+@pytest.mark.mqtt
 def test_recreated_and_corrupt_outbox_are_accepted_by_watch(tmp_path, pki, broker, cloud_config,
                                                             drive):
     config = write_agent_config(tmp_path, pki, broker.port, drive)
