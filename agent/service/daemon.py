@@ -113,6 +113,8 @@ class Agent:
             else:
                 self._unstored.append((topics["state"], "state",
                                        self.envelopes.state(self.pipeline.state, now), True))
+        while len(self._unstored) > MAX_UNSTORED:   # locked for long: the oldest give way
+            self._store_failed(self._unstored.popleft()[1], "outbox locked; pending limit")
         if self._unstored:
             self._store_unstored()
 
@@ -135,9 +137,6 @@ class Agent:
             except sqlite3.OperationalError as exc:
                 if "locked" in str(exc) or "busy" in str(exc):
                     self._locked_until = time.monotonic() + LOCKED_RETRY_S
-                    if len(pending) > MAX_UNSTORED:
-                        pending.popleft()
-                        self.store_errors += 1
                     log.error("outbox: locked by another process (%s); %d message(s) kept "
                               "pending and retried", exc, len(pending))
                     break
@@ -150,7 +149,7 @@ class Agent:
         if stored:
             self.uplink.wake()
 
-    def _store_failed(self, kind: str, exc: Exception) -> None:
+    def _store_failed(self, kind: str, exc: Exception | str) -> None:
         self.store_errors += 1
         log.error("outbox: cannot store a %s message (%d so far): %s", kind, self.store_errors,
                   exc)
