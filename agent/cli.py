@@ -205,7 +205,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  snapshot requests: {config.mqtt.topic_prefix}/{config.vehicle_id}/cmd/snapshot, "
               f"{cmd.snapshot_rate:g}/s, burst {cmd.snapshot_burst}" if cmd.enabled
               else "  snapshot requests: off (cmd.enabled: false)")
+        _check_snapshot_size(config, decoder.paths)
     return 0
+
+
+def _check_snapshot_size(config, paths: tuple[str, ...]) -> None:
+    from agent.uplink.envelope import snapshot_size_bound
+    from agent.uplink.mqtt import publish_packet_size
+
+    topic = f"{config.mqtt.topic_prefix}/{config.vehicle_id}/state"
+    size = publish_packet_size(topic, b"x" * snapshot_size_bound(paths, config.vehicle_id))
+    limit = config.mqtt.max_packet_bytes
+    print(f"  full snapshot: up to {size} bytes as an MQTT packet (mqtt.max_packet_bytes {limit})")
+    if size > limit:
+        print(f"warning: {config.file}: a full snapshot of the {len(paths)} mapped signals can "
+              f"reach {size} bytes, more than mqtt.max_packet_bytes ({limit}): such snapshots "
+              "would be dropped, never sent; map fewer signals, or raise the limit if the "
+              "broker allows it", file=sys.stderr)
 
 
 def cmd_decode(args: argparse.Namespace) -> int:

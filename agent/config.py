@@ -71,6 +71,7 @@ class MqttConfig:
     keepalive_s: int = 30
     max_inflight: int = 20
     tls_version: str = "1.2"
+    max_packet_bytes: int = 128 * 1024
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
 
@@ -205,7 +206,7 @@ def _mqtt(s: Section | None) -> MqttConfig | None:
         return None
     s.reject_unknown(("host", "port", "ca", "cert", "key", "topic_prefix", "client_id",
                       "keepalive_s", "max_inflight", "tls_version", "reconnect_min_s",
-                      "reconnect_max_s"))
+                      "reconnect_max_s", "max_packet_bytes"))
     prefix = s.text("topic_prefix", "vehicles")
     if any(c in prefix for c in "+#\x00") or prefix.startswith("/") or prefix.endswith("/"):
         raise s.error("topic_prefix", f"{prefix!r} must not contain + # or NUL, "
@@ -226,6 +227,8 @@ def _mqtt(s: Section | None) -> MqttConfig | None:
         keepalive_s=s.integer("keepalive_s", 30, minimum=5, maximum=3600),
         max_inflight=s.integer("max_inflight", 20, minimum=1, maximum=1000),
         tls_version=tls_version,
+        max_packet_bytes=s.integer("max_packet_bytes", 128 * 1024, minimum=1024,
+                                   maximum=268_435_455),
         reconnect_min_s=float(reconnect_min),
         reconnect_max_s=float(reconnect_max),
     )

@@ -110,6 +110,7 @@ def test_verified_event_has_exact_claims(watch, mqtt_client, signer) -> None:
         "topic": "vehicles/VIN1/events",
         "kind": "event",
         "seq": 7,
+        "stream": "",          # no stream claim: an agent from before streams
         "boot": 3,
         "ts": 1_700_000_000_007,
         "signals": {RANGE: 512000, DOOR: False, HOOD: None},
@@ -265,8 +266,8 @@ def test_watch_main_json_count(cloud_config, mqtt_client, signer) -> None:
     assert rejected[1] == {"topic": "vehicles/VIN1/events", "rejected": "duplicate seq 1",
                            "verified": False, "seq": 1}
     state = next(line for line in lines if line.get("kind") == "state")
-    assert set(state) == {"vid", "topic", "kind", "seq", "boot", "ts", "signals", "quality",
-                          "age", "kid", "alg", "verified", "retained"}
+    assert set(state) == {"vid", "topic", "kind", "seq", "stream", "boot", "ts", "signals",
+                          "quality", "age", "kid", "alg", "verified", "retained"}
     assert err.getvalue().startswith("car-agent watch: connected to 127.0.0.1:")
 
 
@@ -496,7 +497,7 @@ def test_seq_tracker_late_start_and_window() -> None:
     # Watching starts at seq 100: 1..99 never come; memory stays bounded anyway.
     for seq in range(100, 110):
         assert tracker.accept("V", seq)
-    assert len(tracker._above["V"]) <= 4
+    assert len(tracker._above["V", ""]) <= 4
     assert tracker.watermark("V") >= 105
     assert not tracker.accept("V", 50)  # behind the window now
     assert tracker.why_rejected("V", 50).startswith("duplicate or too old seq 50")

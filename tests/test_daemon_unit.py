@@ -160,11 +160,13 @@ def test_outbox_holds_every_message_with_contiguous_seq(runs, verifier):
         assert c["kind"] == entry.kind
         if entry.kind == "event":
             assert (entry.topic, entry.retain) == (EVENTS, False)
-            assert set(c) == {"vid", "seq", "boot", "ts", "kind", "signals", "quality"}
+            assert set(c) == {"vid", "stream", "seq", "boot", "ts", "kind", "signals",
+                              "quality"}
         else:
             assert entry.kind == "state"
             assert (entry.topic, entry.retain) == (STATE, True)
-            assert set(c) == {"vid", "seq", "boot", "ts", "kind", "signals", "quality", "age"}
+            assert set(c) == {"vid", "stream", "seq", "boot", "ts", "kind", "signals",
+                              "quality", "age"}
         start, end = runs.wall
         assert int(start * 1000) <= c["ts"] <= int(end * 1000) + 1
     kinds = [e.kind for e in entries]

@@ -534,6 +534,7 @@ class OutboxMachine(RuleBasedStateMachine):
         retain=st.booleans(),
     )
     def add(self, kind, pad, topic, retain):
+        self._model_expire()  # every add applies the age bound too
         e = self.ob.add(topic, kind, lambda s: payload_for(s, pad), retain=retain)
         assert e.seq == self.next_seq
         assert e.seq > self.last_seq

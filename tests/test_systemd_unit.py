@@ -111,6 +111,16 @@ def test_unit_settings_the_agent_relies_on() -> None:
     assert _effective_list(unit[("Service", "AmbientCapabilities")]) == []
     assert "PrivateNetwork" not in {key for _, key in unit}          # CAN needs the host's net
     assert last("StateDirectory") == "car-agent"
+    assert re.fullmatch(r"[1-9][0-9]*[KMG]", last("MemoryMax"))    # bounded, not "infinity"
+
+
+def test_readme_documents_the_drop_in_for_device_node_adapters() -> None:
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("/etc/systemd/system/car-agent.service.d/devices.conf")
+    drop_in = readme[start:readme.index("```", start)]
+    for setting in ("PrivateDevices=no", "DeviceAllow=/dev/ttyACM0 rw", "PrivateUsers=no",
+                    "SupplementaryGroups=dialout"):
+        assert setting in drop_in, setting
 
 
 def test_credentials_are_loaded_from_root_only_files() -> None:

@@ -1,6 +1,12 @@
 """Where frames come from: a live python-can bus, or a capture file replayed in (or out of) time.
 
 Both offer the same small interface, :class:`FrameSource`, so the daemon's loop does not care.
+
+Time: a source's clock (``now()`` and the frames' ``timestamp``) measures intervals (rate
+limits, heartbeats, held changes, staleness), so it must not jump. A live bus uses the
+monotonic clock (the wall clock steps when NTP or GNSS answers; it is used only for the signed
+``ts``). A capture's own clock is re-based by :class:`Timeline` where it goes backwards or jumps
+ahead by more than :data:`MAX_CAPTURE_JUMP_S`.
 """
 
 from __future__ import annotations
@@ -8,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import can
 
@@ -17,6 +23,40 @@ from agent.config import CanConfig
 from agent.errors import TransientError
 
 log = logging.getLogger("car_agent.source")
+
+#: A capture's clock moving ahead by more than this between two frames is a clock step.
+MAX_CAPTURE_JUMP_S = 3600.0
+
+
+class Timeline:
+    """Capture timestamps made fit for intervals: never backwards, never a jump ahead.
+
+    A frame whose timestamp goes back, or ahead by more than ``max_jump_s``, is taken to
+    follow the previous frame at once, and every later frame is shifted by the same amount
+    (re-based), so one far-future timestamp neither freezes nor disables the clock.
+    """
+
+    def __init__(self, max_jump_s: float = MAX_CAPTURE_JUMP_S) -> None:
+        self.max_jump_s = max_jump_s
+        self.offset = 0.0
+        self.last: float | None = None
+        self.rebased = 0
+
+    def __call__(self, t: float) -> float:
+        last = self.last
+        t += self.offset
+        if last is not None and (t < last or t - last > self.max_jump_s):
+            self.offset += last - t
+            self.rebased += 1
+            t = last
+        self.last = t
+        return t
+
+    def frames(self, frames: Iterable[can.Message]) -> Iterator[can.Message]:
+        """``frames`` with their timestamps re-based (in place)."""
+        for msg in frames:
+            msg.timestamp = self(msg.timestamp)
+            yield msg
 
 
 class FrameSource:
@@ -52,7 +92,9 @@ class BusSource(FrameSource):
 
     REOPEN_INTERVAL_S = 1.0
 
-    def __init__(self, config: CanConfig, can_filters: list[dict] | None) -> None:
+    def __init__(self, config: CanConfig, can_filters: list[dict] | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.kwargs = {"interface": config.interface, "channel": config.channel,
                        "can_filters": can_filters, "receive_own_messages": False}
         if config.fd:
@@ -90,6 +132,8 @@ class BusSource(FrameSource):
             return None
         if msg is not None:
             self.frames += 1
+            # The kernel stamps frames with the wall clock, which steps: intervals need ours.
+            msg.timestamp = self.clock()
         return msg
 
     def _went_down(self, exc: Exception) -> None:
@@ -141,7 +185,7 @@ class BusSource(FrameSource):
         return health
 
     def now(self) -> float:
-        return time.time()
+        return self.clock()
 
     def summary(self) -> str:
         return (f"{self.description}: {self.frames} frames received, {self.down_events} "
@@ -172,7 +216,8 @@ class CaptureSource(FrameSource):
         self.reader = reader
         self.realtime = realtime
         self.speed = speed
-        self._frames: Iterator[can.Message] = iter(reader)
+        self.timeline = Timeline()
+        self._frames: Iterator[can.Message] = self.timeline.frames(reader)
         self._pending: can.Message | None = None
         self._t0: float | None = None        # capture time of the first frame
         self._m0 = 0.0                       # monotonic time it was delivered
@@ -215,6 +260,9 @@ class CaptureSource(FrameSource):
 
     def summary(self) -> str:
         text = f"{self.reader.path}: {self.reader.frames} frames replayed"
+        if self.timeline.rebased:
+            text += (f"; its clock went back or jumped ahead {self.timeline.rebased} time(s) "
+                     "(re-based)")
         bad = self.reader.malformed_summary()
         return f"{text}; {bad}" if bad else text
 

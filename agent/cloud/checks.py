@@ -3,8 +3,10 @@
 * ``<prefix>/<vid>/events`` and ``<prefix>/<vid>/state``: a JWS token. It is verified against
   the vehicles' JWK Set (``trust``), its claims are type-checked, the ``vid`` claim must
   match the topic and the signing key's ``vid``, and a sequence number seen before is a
-  replay. Verified: ``{"vid", "topic", "kind", "seq", "boot", "ts", "signals", "quality",
-  "age"?, "kid", "alg", "verified": true, "retained"}``. Rejected: ``{"topic", "rejected":
+  replay within its ``stream`` (see :class:`SeqTracker`). Verified: ``{"vid", "topic",
+  "kind", "seq", "stream", "boot", "ts", "signals", "quality", "age"?, "superseded"?,
+  "kid", "alg", "verified": true, "retained"}`` (``stream`` is "" for messages without the
+  claim; ``superseded: true`` for a message from a stream older than the vehicle's newest). Rejected: ``{"topic", "rejected":
   reason, "verified": false, "seq"?}``.
 * ``<prefix>/<vid>/snapshot`` and ``<prefix>/<vid>/snapshot/<requester>`` (the response topics
   of snapshot requests, :mod:`agent.cloud.snapshot`): a JWS token checked as state is, whose
@@ -15,8 +17,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import re
+import time
 from typing import Any, Callable
 
 from agent.cloud.config import CloudConfig
@@ -33,44 +38,62 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 MAX_SEQ = 2**63 - 1
 
 _KINDS = {"events": "event", "state": "state", "snapshot": "snapshot"}
+#: ``ts`` plausibility: not before 2020-01-01 (an unset clock), not more than this ahead.
+TS_FLOOR_MS = 1_577_836_800_000
+MAX_TS_AHEAD_S = 3600.0
+#: The ``stream`` claim (the agent sends 20 hex characters).
+STREAM_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 # --------------------------------------------------------------------------- replay detection
 
 
 class SeqTracker:
-    """Remembers which sequence numbers each vehicle has had accepted.
+    """Remembers which sequence numbers each vehicle's streams have had accepted.
 
-    Per vehicle: a watermark ``N`` ("every seq <= N has been seen") plus the set of seqs
-    above it. Arrivals in any order are accepted once each. If gaps never fill (messages
-    lost for good), the set is capped at ``window`` entries: the oldest gaps are then given
-    up, and a seq below the new watermark is refused as too old.
+    ``seq`` counts within a stream (the ``stream`` claim: one per outbox on the car; ""
+    for agents that do not send the claim), so replays are tracked per ``(vid, stream)``:
+    a watermark ``N`` ("every seq <= N has been seen") plus the set of seqs above it.
+    Arrivals in any order are accepted once each. If gaps never fill (messages lost for
+    good), the set is capped at ``window`` entries: the oldest gaps are then given up, and
+    a seq below the new watermark is refused as too old.
+
+    Which stream is a vehicle's newest (:meth:`note_stream`): the one whose earliest
+    accepted message has the highest ``ts``. A car starts a new stream only when its
+    outbox is recreated, so the new stream's first message is signed after every message
+    of the old one; the cloud's ``ts`` plausibility check keeps a car's unset clock (before
+    2020, or in the future) out of this comparison. At most ``max_streams`` streams per
+    vehicle are remembered (the oldest starts are forgotten first).
     """
 
-    def __init__(self, window: int = 4096) -> None:
+    def __init__(self, window: int = 4096, max_streams: int = 16) -> None:
         if window < 2:
             raise ValueError("window must be at least 2")
         self.window = window
-        self._floor: dict[str, int] = {}
-        self._given_up: dict[str, int] = {}  # every seq <= this unseen one was abandoned
-        self._above: dict[str, set[int]] = {}
+        self.max_streams = max_streams
+        self._floor: dict[tuple[str, str], int] = {}
+        self._given_up: dict[tuple[str, str], int] = {}  # every seq <= this was abandoned
+        self._above: dict[tuple[str, str], set[int]] = {}
+        self._starts: dict[str, dict[str, int]] = {}    # vid -> stream -> earliest ts
 
-    def watermark(self, vid: str) -> int:
-        """Every seq <= this has been accepted (or given up); 0 for a vehicle not seen yet."""
-        return self._floor.get(vid, 0)
+    def watermark(self, vid: str, stream: str = "") -> int:
+        """Every seq <= this has been accepted (or given up); 0 for a stream not seen yet."""
+        return self._floor.get((vid, stream), 0)
 
-    def seen(self, vid: str, seq: int) -> bool:
+    def seen(self, vid: str, seq: int, stream: str = "") -> bool:
         """Would ``seq`` be refused now? (Does not record anything.)"""
-        return seq <= self._floor.get(vid, 0) or seq in self._above.get(vid, ())
+        key = (vid, stream)
+        return seq <= self._floor.get(key, 0) or seq in self._above.get(key, ())
 
-    def accept(self, vid: str, seq: int) -> bool:
+    def accept(self, vid: str, seq: int, stream: str = "") -> bool:
         """Record ``seq``; True if it is new, False if it was seen before (or is too old)."""
-        floor = self._floor.get(vid, 0)
+        key = (vid, stream)
+        floor = self._floor.get(key, 0)
         if seq <= floor:
             return False
-        above = self._above.get(vid)
+        above = self._above.get(key)
         if above is None:
-            above = self._above[vid] = set()
+            above = self._above[key] = set()
         elif seq in above:
             return False
         if seq == floor + 1:
@@ -78,21 +101,41 @@ class SeqTracker:
             while floor + 1 in above:
                 floor += 1
                 above.discard(floor)
-            self._floor[vid] = floor
+            self._floor[key] = floor
         else:
             above.add(seq)
             if len(above) > self.window:
-                self._give_up_oldest(vid, above)
+                self._give_up_oldest(key, above)
         return True
 
-    def why_rejected(self, vid: str, seq: int) -> str:
+    def note_stream(self, vid: str, stream: str, ts: int) -> bool:
+        """Record that ``stream`` had a message signed at ``ts``; True if it is the newest."""
+        starts = self._starts.setdefault(vid, {})
+        start = starts.get(stream)
+        if start is None or ts < start:
+            starts[stream] = ts
+            if len(starts) > self.max_streams:
+                oldest = min(starts, key=starts.__getitem__)
+                del starts[oldest]
+                for table in (self._floor, self._given_up, self._above):
+                    table.pop((vid, oldest), None)
+        return self.newest(vid) == stream
+
+    def newest(self, vid: str) -> str | None:
+        """The vehicle's newest stream (see the class), None for a vehicle not seen yet."""
+        starts = self._starts.get(vid)
+        if not starts:
+            return None
+        return max(starts, key=lambda name: (starts[name], name))
+
+    def why_rejected(self, vid: str, seq: int, stream: str = "") -> str:
         """Reason text for a seq that :meth:`accept` refused."""
-        if seq <= self._given_up.get(vid, 0):
+        if seq <= self._given_up.get((vid, stream), 0):
             return (f"duplicate or too old seq {seq} (older than the replay window of "
                     f"{self.window} out-of-order messages)")
         return f"duplicate seq {seq}"
 
-    def _give_up_oldest(self, vid: str, above: set[int]) -> None:
+    def _give_up_oldest(self, key: tuple[str, str], above: set[int]) -> None:
         ordered = sorted(above)
         keep = self.window // 2
         cut = ordered[-keep - 1]  # highest seq that stops being remembered individually
@@ -101,9 +144,9 @@ class SeqTracker:
         while floor + 1 in remaining:
             floor += 1
             remaining.discard(floor)
-        self._given_up[vid] = cut
-        self._floor[vid] = floor
-        self._above[vid] = remaining
+        self._given_up[key] = cut
+        self._floor[key] = floor
+        self._above[key] = remaining
 
 
 # --------------------------------------------------------------------------- message checks
@@ -124,8 +167,10 @@ class MessageChecker:
 
     def __init__(self, verifier: Verifier, topic_prefix: str = "vehicles",
                  tracker: SeqTracker | None = None, *,
-                 revocation: CrlTrust | None = None) -> None:
+                 revocation: CrlTrust | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.verifier = verifier
+        self.clock = clock
         self.prefix_parts = topic_prefix.split("/")
         self.tracker = tracker if tracker is not None else SeqTracker()
         self.revocation = revocation
@@ -193,19 +238,25 @@ class MessageChecker:
             why = self.revocation.check(kid if isinstance(kid, str) else None, cert, claim_vid)
             if why is not None:
                 return _rejected(topic, why, seq)
+        why = self._implausible_ts(claims["ts"])
+        if why is not None:
+            return _rejected(topic, why, seq)
         # A snapshot must say so: a state token must not pass as the answer to a request.
         kind = claims.get("kind", _KINDS[leaf] if leaf != "snapshot" else None)
         if kind != _KINDS[leaf]:
             return _rejected(topic, f"kind claim {str(kind)[:32]!r} does not match topic "
                                     f"{leaf!r}", seq)
-        if not self.tracker.accept(vid, seq):
-            return _rejected(topic, self.tracker.why_rejected(vid, seq), seq)
+        stream = claims.get("stream", "")
+        if not self.tracker.accept(vid, seq, stream):
+            return _rejected(topic, self.tracker.why_rejected(vid, seq, stream), seq)
+        newest = self.tracker.note_stream(vid, stream, claims["ts"])
 
         record: dict[str, Any] = {
             "vid": vid,
             "topic": topic,
             "kind": kind,
             "seq": seq,
+            "stream": stream,
             "boot": claims["boot"],
             "ts": claims["ts"],
             "signals": claims["signals"],
@@ -213,8 +264,23 @@ class MessageChecker:
         }
         if "age" in claims:
             record["age"] = claims["age"]
+        if not newest:
+            # From a stream the car has since replaced (a recreated outbox): genuine, but it
+            # must never overwrite what the newer stream said.
+            record["superseded"] = True
         record.update(kid=kid, alg=header.get("alg"), verified=True, retained=retained)
         return record
+
+    def _implausible_ts(self, ts: int) -> str | None:
+        """Why ``ts`` cannot be when the message was signed, or None."""
+        if ts < TS_FLOOR_MS:
+            return (f"implausible ts {ts_text(ts)}: before {ts_text(TS_FLOOR_MS)[:10]} (the "
+                    "vehicle's clock was not set)")
+        ahead = ts / 1000 - self.clock()
+        if ahead > MAX_TS_AHEAD_S:
+            return (f"implausible ts {ts_text(ts)}: {ahead:.0f} s ahead of this clock (more "
+                    f"than {MAX_TS_AHEAD_S:.0f} s)")
+        return None
 
     @staticmethod
     def _metrics(topic: str, vid: str, payload: bytes) -> dict[str, Any]:
@@ -303,7 +369,19 @@ def _claims_problem(claims: dict[str, Any]) -> str | None:
             return f"{name!r} is not an object"
     if "kind" in claims and not isinstance(claims["kind"], str):
         return "'kind' is not a string"
+    if "stream" in claims and not (isinstance(claims["stream"], str)
+                                   and STREAM_PATTERN.fullmatch(claims["stream"])):
+        return "'stream' is not a string of 1-64 letters, digits, '_' or '-'"
     return None
+
+
+def ts_text(ts_ms: int) -> str:
+    """A ``ts`` claim as ISO 8601 UTC with milliseconds (``ts=N`` if out of range)."""
+    try:
+        moment = dt.datetime.fromtimestamp(ts_ms / 1000, dt.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return f"ts={ts_ms}"
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _rejected(topic: str, reason: str, seq: int | None = None) -> dict[str, Any]:

@@ -11,7 +11,6 @@ Config: :mod:`agent.cloud.config`; revocation: :mod:`agent.cloud.revocation`.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import random
@@ -30,7 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.cloud.checks import SeqTracker, _rejected, checker_for
+from agent.cloud.checks import SeqTracker, _rejected, checker_for, ts_text
 from agent.cloud.config import CloudConfig, load_cloud_config, make_ssl_context
 from agent.errors import KeyFileError, UserError
 from agent.uplink.tlsdiag import (
@@ -294,14 +293,6 @@ def _value_text(value: Any) -> str:
     return json.dumps(value)
 
 
-def _ts_text(ts: int) -> str:
-    try:
-        moment = dt.datetime.fromtimestamp(ts / 1000, dt.timezone.utc)
-    except (OverflowError, OSError, ValueError):
-        return f"ts={ts}"
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def format_human(record: dict[str, Any]) -> str:
     """One readable line for a record (rejections start with ``rejected``)."""
     if not record.get("verified"):
@@ -322,11 +313,13 @@ def format_human(record: dict[str, Any]) -> str:
              for path, value in record["signals"].items()]
     parts = [
         f"{record['vid']} {record['kind']} seq={record['seq']} boot={record['boot']} "
-        f"{_ts_text(record['ts'])}",
+        f"{ts_text(record['ts'])}",
     ]
     parts.append(" ".join(shown) if shown else "(no signals)")
     if record.get("retained"):
         parts.append("(retained)")
+    if record.get("superseded"):
+        parts.append("(from an older stream)")
     return _printable("  ".join(parts), 4000)
 
 

@@ -10,6 +10,7 @@ from typing import Any, Iterable, Iterator
 
 import can
 
+from agent.can.source import Timeline
 from agent.signals.decoder import Decoder
 from agent.signals.model import STALE, Change
 
@@ -94,8 +95,12 @@ class SignalPipeline:
         return self.state.mark_stale(now, expired) if expired else []
 
     def run(self, frames: Iterable[can.Message]) -> Iterator[Change]:
-        """All changes of a frame stream, in order (offline decoding)."""
-        for msg in frames:
+        """All changes of a frame stream, in order (offline decoding).
+
+        The capture's clock is re-based where it goes back or jumps ahead (see
+        :class:`agent.can.source.Timeline`), so staleness keeps working after a bad timestamp.
+        """
+        for msg in Timeline().frames(frames):
             changes = self.feed(msg)
             if changes:
                 yield from changes

@@ -6,6 +6,13 @@ outbox only when the broker's PUBACK reports success; a failure reason code (e.g
 authorized) is logged, counted, and the entry kept and retried later. paho re-sends what was in
 flight after a reconnect, so the mid -> seq map survives reconnects.
 
+Supervision: nothing that goes wrong in the thread ends it. A storage error on a PUBACK (disk
+full while deleting the entry) keeps the entry and retries the delete; any other unexpected
+exception is logged, the client is replaced (the outbox still holds what was in flight) and the
+loop restarts after a pause. ``connected`` is cleared whenever the thread is not running its
+loop, and :meth:`Uplink.alive` tells the daemon whether the thread is still there at all (if not,
+the daemon stops feeding the watchdog and exits, so the service manager restarts the agent).
+
 Connection failures are explained in one line, including the TLS 1.3 case where the broker
 rejects our certificate only after the handshake (visible only in paho's log callback).
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import sqlite3
 import ssl
 import threading
 import time
@@ -41,6 +49,12 @@ FAILED_RETRY_S = 30.0
 #: How often the CA, certificate and key files are checked for changes (rotation).
 CREDENTIALS_CHECK_S = 5.0
 CONNECT_TIMEOUT_S = 10.0
+#: A delivered entry whose delete failed (disk full) is deleted again at most this often.
+DELETE_RETRY_S = 1.0
+#: A stop waits this long for a network thread that is not connected.
+STOP_JOIN_S = 1.0
+#: After an unexpected error in the network thread, its loop restarts after this long.
+RESTART_PAUSE_S = 1.0
 
 def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
     """Client TLS: verify the broker (CA + host name, always), present our certificate."""
@@ -66,6 +80,16 @@ def build_tls_context(config: MqttConfig) -> ssl.SSLContext:
     return context
 
 
+def publish_packet_size(topic: str, payload: bytes, correlation: bytes | None = None) -> int:
+    """Bytes of an MQTT 5 PUBLISH at QoS 1 (what Maximum Packet Size limits); its only
+    property, on a snapshot response, is the Correlation Data (1-byte id, 2-byte length)."""
+    properties = 0 if correlation is None else 3 + len(correlation)
+    remaining = 2 + len(topic.encode("utf-8")) + 2 + 1 + properties + len(payload)
+    length_bytes = 1 if remaining < 128 else 2 if remaining < 16_384 else \
+        3 if remaining < 2_097_152 else 4
+    return 1 + length_bytes + remaining
+
+
 def certificate_expiry(path: Path) -> dt.datetime | None:
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
@@ -81,6 +105,9 @@ class UplinkCounters:
     refused: int = 0
     connects: int = 0
     connect_failures: int = 0
+    store_errors: int = 0          # outbox errors on a PUBACK (the entry is kept, retried)
+    oversize: int = 0              # entries larger than the broker accepts: dropped
+    restarts: int = 0              # network loop restarted after an unexpected error
     refused_codes: dict[str, int] = field(default_factory=dict)
 
 
@@ -101,6 +128,9 @@ class Uplink:
         self._wake = threading.Event()
         self._inflight: dict[int, int] = {}         # paho mid -> outbox seq
         self._retry_at: dict[int, float] = {}       # seq -> monotonic time it may be retried
+        self._acked: set[int] = set()                # delivered, but the delete failed: retry
+        self._next_delete_retry = 0.0
+        self.max_packet = config.max_packet_bytes   # lowered by the broker's CONNACK
         self._status_mid: int | None = None
         self._status_acked = threading.Event()
         self._metrics: bytes | None = None
@@ -133,8 +163,16 @@ class Uplink:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+        self._thread = threading.Thread(target=self._supervise, name="uplink", daemon=True)
         self._thread.start()
+
+    def alive(self) -> bool:
+        """The network thread is running (always True before :meth:`start`)."""
+        return self._thread is None or self._thread.is_alive()
+
+    def is_connected(self) -> bool:
+        """Connected, as claimed only by a living network thread."""
+        return self.connected.is_set() and self.alive()
 
     def wake(self) -> None:
         self._wake.set()
@@ -144,33 +182,81 @@ class Uplink:
         self._metrics = payload
         self._wake.set()
 
-    def wait_drained(self, timeout: float) -> bool:
-        """Until the outbox is empty (True) or ``timeout`` seconds passed (False)."""
+    def wait_drained(self, timeout: float, *, while_connected: bool = False) -> bool:
+        """Until the outbox is empty (True) or ``timeout`` seconds passed (False).
+
+        ``while_connected``: give up as soon as the uplink is not connected (a stop must not
+        wait for an outbox that cannot drain).
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if len(self.outbox) == 0:
                 return True
+            if while_connected and not self.is_connected():
+                return False
             self._wake.set()
             time.sleep(0.05)
         return len(self.outbox) == 0
 
     def stop(self, offline_timeout: float = 3.0) -> None:
-        """Publish ``offline`` (retained) if connected, disconnect cleanly, end the thread."""
+        """Publish ``offline`` (retained) if connected, disconnect cleanly, end the thread.
+
+        Not connected, the thread is given only :data:`STOP_JOIN_S`: it may be inside a
+        blocking connect or TLS probe, and it is a daemon thread that ends with the process
+        (what it has not sent stays in the outbox).
+        """
         if self._thread is None:
             return
-        if self.connected.is_set():
+        connected = self.is_connected()
+        if connected:
             self._status_acked.clear()
             self._want_offline = True
             self._wake.set()
             self._status_acked.wait(offline_timeout)
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=10 if connected else STOP_JOIN_S)
         self._thread = None
 
     # -- the network thread -----------------------------------------------------------------
     _want_offline = False
     _connack_seen = False
+
+    def _supervise(self) -> None:
+        """Run the network loop; restart it after any unexpected error instead of dying."""
+        try:
+            while True:
+                try:
+                    self._run()
+                    return
+                except Exception as exc:  # noqa: BLE001 - the uplink must outlive any bug
+                    self.connected.clear()
+                    if self._stop.is_set():
+                        return   # stopping (the outbox may be closed under a late thread)
+                    self.counters.restarts += 1
+                    log.error("uplink: network thread failed (%s: %s); restarting it "
+                              "(%d restart(s) so far)", type(exc).__name__, exc,
+                              self.counters.restarts, exc_info=log.isEnabledFor(logging.DEBUG))
+                    self._discard_client()
+                    if self._stop.wait(RESTART_PAUSE_S):
+                        return
+        finally:
+            self.connected.clear()
+
+    def _discard_client(self) -> None:
+        """Drop the paho client (and its in-flight state): the outbox still holds everything."""
+        try:
+            self.client.disconnect()
+        except Exception:  # noqa: BLE001 - the old client may be in any state
+            pass
+        try:
+            sock = self.client.socket()
+            if sock is not None:
+                sock.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self._inflight.clear()
+        self.client = self._make_client()
 
     def _run(self) -> None:
         delay = self.config.reconnect_min_s
@@ -202,7 +288,8 @@ class Uplink:
                     self._publish_offline(client)
                 if self._metrics is not None:
                     payload, self._metrics = self._metrics, None
-                    client.publish(self.topics["metrics"], payload, qos=0)
+                    if publish_packet_size(self.topics["metrics"], payload) <= self.max_packet:
+                        client.publish(self.topics["metrics"], payload, qos=0)
                 self._pump(client)
             if self._wake.is_set():
                 self._wake.clear()
@@ -270,11 +357,15 @@ class Uplink:
         self.last_error = reason
 
     def _pump(self, client: mqtt.Client) -> None:
+        if self._acked and time.monotonic() >= self._next_delete_retry:
+            self._next_delete_retry = time.monotonic() + DELETE_RETRY_S
+            self._retry_deletes()
         room = self.config.max_inflight - len(self._inflight)
         if room <= 0:
             return
         now = time.monotonic()
         blocked = set(self._inflight.values())
+        blocked.update(self._acked)
         if self._retry_at:
             for seq, at in list(self._retry_at.items()):
                 if at > now:
@@ -282,12 +373,31 @@ class Uplink:
                 else:
                     del self._retry_at[seq]
         for entry in self.outbox.pending(room, exclude=blocked):
+            if publish_packet_size(entry.topic, entry.payload, entry.correlation) > self.max_packet:
+                self._drop_oversize(entry)
+                continue
             info = client.publish(entry.topic, entry.payload, qos=1, retain=entry.retain,
                                   properties=_response_properties(entry))
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 break
             self._inflight[info.mid] = entry.seq
             self.counters.published += 1
+
+    def _drop_oversize(self, entry) -> None:
+        """A broker closes the connection on a packet over its maximum, and paho resends it
+        after the reconnect: sent, it would make the vehicle flap for ever. Drop and count."""
+        self.counters.oversize += 1
+        size = publish_packet_size(entry.topic, entry.payload, entry.correlation)
+        try:
+            self.outbox.drop_oversize(entry.seq)
+        except sqlite3.Error as exc:
+            self.counters.store_errors += 1
+            self._retry_at[entry.seq] = time.monotonic() + FAILED_RETRY_S
+            log.error("uplink: cannot drop oversize seq %d: %s", entry.seq, exc)
+            return
+        log.error("uplink: seq %d (%s, %d bytes as an MQTT packet) exceeds the maximum packet "
+                  "size of %d bytes; dropped, never sent (%d so far)", entry.seq, entry.kind,
+                  size, self.max_packet, self.counters.oversize)
 
     def _publish_offline(self, client: mqtt.Client) -> None:
         self._want_offline = False
@@ -302,6 +412,10 @@ class Uplink:
                          f"{reason_code}")
             return
         self.counters.connects += 1
+        # The broker's CONNACK may announce a Maximum Packet Size: never send more.
+        broker_max = getattr(properties, "MaximumPacketSize", None) if properties else None
+        self.max_packet = min(self.config.max_packet_bytes,
+                              broker_max or self.config.max_packet_bytes)
         if self.last_error:
             log.info("uplink: connected to %s:%s after: %s", self.config.host,
                      self.config.port, self.last_error)
@@ -343,15 +457,40 @@ class Uplink:
             name = str(reason_code)
             self.counters.refused += 1
             self.counters.refused_codes[name] = self.counters.refused_codes.get(name, 0) + 1
-            self.outbox.record_failure(seq, f"PUBACK {reason_code.value:#04x} {name}")
             self._retry_at[seq] = time.monotonic() + FAILED_RETRY_S
+            try:
+                self.outbox.record_failure(seq, f"PUBACK {reason_code.value:#04x} {name}")
+            except sqlite3.Error as exc:   # the count is lost, the entry kept and retried
+                self.counters.store_errors += 1
+                log.error("uplink: cannot record the refusal of seq %d in the outbox: %s",
+                          seq, exc)
             if self.counters.refused_codes[name] in (1, 10, 100, 1000):
                 log.error("uplink: broker refused seq %d: %s (%#04x); kept in the outbox "
                           "(%d refusal(s) so far)", seq, name, reason_code.value,
                           self.counters.refused)
             return
-        self.outbox.delete(seq)
         self.counters.acknowledged += 1
+        self._delete(seq)
+
+    def _delete(self, seq: int) -> None:
+        """Remove a delivered entry; on a storage error keep it and retry (never republish)."""
+        try:
+            self.outbox.delete(seq)
+        except sqlite3.Error as exc:
+            self.counters.store_errors += 1
+            if self.counters.store_errors in (1, 10, 100, 1000):
+                log.error("uplink: seq %d was delivered but cannot be removed from the outbox "
+                          "(%s); kept and retried (%d storage error(s) so far)", seq, exc,
+                          self.counters.store_errors)
+            self._acked.add(seq)
+            return
+        self._acked.discard(seq)
+
+    def _retry_deletes(self) -> None:
+        for seq in sorted(self._acked):
+            self._delete(seq)
+            if seq in self._acked:
+                return   # still failing: try again on the next pass
 
     # -- snapshot requests (agent.uplink.requests): the agent's only subscription --------------
     def _listen_for_requests(self, client: mqtt.Client) -> None:
@@ -384,7 +523,8 @@ class Uplink:
 
     # -- reporting --------------------------------------------------------------------------
     def status_line(self) -> str:
-        state = "connected" if self.connected.is_set() else "disconnected"
+        state = "connected" if self.is_connected() else (
+            "disconnected" if self.alive() else "down (network thread ended)")
         return (f"{state}, {len(self.outbox)} queued, {len(self._inflight)} in flight, "
                 f"{self.counters.acknowledged} delivered, {self.counters.refused} refused")
 

@@ -14,8 +14,26 @@ message across restarts and crashes.
 
 Size bound: after each add, while the queued bytes (payload + topic) exceed ``max_bytes`` the
 oldest non-``"event"`` entry is dropped (snapshots are superseded by newer ones), then the oldest
-event; the entry just added is never dropped. Age bound: :meth:`Outbox.expire` drops entries
-older than ``max_age_s``. Both are counted in persisted counters.
+event; the entry just added is never dropped. Age bound: entries older than ``max_age_s`` are
+dropped at open, in every :meth:`Outbox.add` (so while the agent runs) and by
+:meth:`Outbox.expire`. Both are counted in persisted counters.
+
+Age clock: ``created`` is read from a clock that survives wall-clock steps (a head unit boots
+with a wrong RTC and steps it when NTP or GNSS answers). While open it advances with the
+monotonic clock; it is persisted with every write, and at the next open it advances by the
+wall-clock time that passed while closed, unless that gap is negative or longer than
+:data:`MAX_CLOSED_GAP_S` (a clock step, not time passing). It starts at the wall clock when
+the outbox is created, so it reads as Unix time while the clock is right.
+
+Stream: every outbox is created with a random stream id (:attr:`Outbox.stream`, stored in it),
+signed into every message as the claim ``stream``. A new outbox (deleted, lost, or a corrupt one
+quarantined by :func:`open_outbox`) starts a new stream whose ``seq`` restarts at 1; the cloud
+tracks ``(vid, stream, seq)``, so that is not taken for a replay.
+
+One process: with ``lock=True`` (the daemon) the outbox is locked exclusively (``flock`` on
+``<path>.lock``, which holds the owner's pid) for as long as it is open; a second agent on the
+same outbox is refused with :class:`OutboxInUse` (exit 75: a service manager retries until
+the other copy is gone) instead of publishing the same entries under the same client id.
 
 Thread safety: one connection shared by the daemon thread (add) and the MQTT network thread
 (delete / record_failure), serialised by a lock. ``make_payload`` runs with the lock held and
@@ -25,6 +43,11 @@ inside the write transaction, so it must be quick; it may call the read-only met
 
 from __future__ import annotations
 
+import datetime as dt
+import fcntl
+import logging
+import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -33,16 +56,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, TransientError
+
+log = logging.getLogger("car_agent.outbox")
 
 SCHEMA_VERSION = 1
 EVENT = "event"
 BUSY_TIMEOUT_S = 5.0
 WAL_SIZE_LIMIT = 4 * 1024 * 1024  # truncate the -wal file back to this after checkpoints
 MAX_REASON_CHARS = 500
+#: A wall-clock gap between two opens longer than this is taken for a clock step, not as age.
+MAX_CLOSED_GAP_S = 366 * 86400.0
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+    # Text values (the stream id) apart from meta, whose INTEGER affinity would turn a stream
+    # id made only of digits into a number.
+    "CREATE TABLE IF NOT EXISTS ident (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     # Small columns first, payload last: scans of created/size never touch overflow pages.
     "CREATE TABLE IF NOT EXISTS entries ("
     " seq INTEGER PRIMARY KEY,"
@@ -68,6 +98,10 @@ _META_DEFAULTS = (
     ("failed", 0),
     ("dropped_full", 0),
     ("dropped_age", 0),
+    ("quarantined", 0),
+    ("dropped_oversize", 0),
+    ("age_clock", -1),   # the age clock at the last write (-1: not started)
+    ("age_wall", -1),    # the wall clock at that moment
 )
 
 _SQL_BEGIN = "BEGIN IMMEDIATE"
@@ -78,6 +112,8 @@ _SQL_META_ALL = "SELECT key, value FROM meta"
 _SQL_META_GET = "SELECT value FROM meta WHERE key = ?"
 _SQL_META_SET = "UPDATE meta SET value = ? WHERE key = ?"
 _SQL_META_BUMP = "UPDATE meta SET value = value + ? WHERE key = ?"
+_SQL_IDENT_INIT = "INSERT OR IGNORE INTO ident (key, value) VALUES ('stream', ?)"
+_SQL_IDENT_STREAM = "SELECT value FROM ident WHERE key = 'stream'"
 _SQL_INSERT = (
     "INSERT INTO entries (seq, created, size, kind, retain, topic, payload, correlation)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -97,13 +133,29 @@ _SQL_TOTALS = "SELECT count(*), total(size) FROM entries"
 _SQL_EXPIRED_TOTALS = "SELECT count(*), total(size) FROM entries WHERE created < ?"
 _SQL_EXPIRE = "DELETE FROM entries WHERE created < ?"
 _SQL_OLDEST_CREATED = "SELECT min(created) FROM entries"
+_SQL_AGE_CLOCK = "UPDATE meta SET value = CASE key WHEN 'age_clock' THEN ? ELSE ? END" \
+    " WHERE key IN ('age_clock', 'age_wall')"
 
 
-def _corrupt(reason: str) -> str:
-    return (
-        f"database is corrupt ({reason}); the file was left untouched,"
-        " move it aside to start an empty outbox"
-    )
+#: Random bytes in a stream id (rendered as 2 hex characters each).
+STREAM_ID_BYTES = 10
+
+
+def new_stream_id() -> str:
+    return secrets.token_hex(STREAM_ID_BYTES)
+
+
+class OutboxCorrupt(ConfigError):
+    """The outbox file is not a usable SQLite database (:func:`open_outbox` quarantines it)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: cannot open outbox: database is corrupt ({reason}); the file "
+                         "was left untouched, move it aside to start an empty outbox")
+        self.reason = reason
+
+
+class OutboxInUse(TransientError):
+    """Another process holds the outbox's lock."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +167,7 @@ class Entry:
     kind: str  # "event", "state" (full snapshot), "status", ...
     payload: bytes
     retain: bool
-    created: float  # unix seconds
+    created: float  # the outbox's age clock (Unix seconds while the wall clock is right)
     correlation: bytes | None = None  # MQTT 5 Correlation Data to publish with (a response)
 
 
@@ -132,6 +184,8 @@ class OutboxStats:
     delivered: int
     next_seq: int
     boot: int
+    quarantined: int = 0
+    dropped_oversize: int = 0
 
 
 class Outbox:
@@ -144,7 +198,12 @@ class Outbox:
         max_bytes: int = 64 * 1024 * 1024,
         max_age_s: float = 7 * 86400,
         clock: Callable[[], float] = time.time,
+        count_boot: bool = True,
+        monotonic: Callable[[], float] | None = None,
+        lock: bool = False,
     ) -> None:
+        """``clock`` is the wall clock, ``monotonic`` the clock that ages entries while open
+        (default: :func:`time.monotonic`, or ``clock`` itself when only ``clock`` is given)."""
         if max_bytes <= 0:
             raise ValueError(f"outbox max_bytes must be positive, got {max_bytes}")
         if max_age_s <= 0:
@@ -153,12 +212,26 @@ class Outbox:
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self._clock = clock
+        if monotonic is None:
+            monotonic = time.monotonic if clock is time.time else clock
+        self._monotonic = monotonic
+        self._count_boot = count_boot
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         if not self.path.parent.is_dir():
             raise ConfigError(
                 f"{self.path}: cannot open outbox: directory {self.path.parent} does not exist"
             )
+        if lock:
+            self._lock_fd = _lock_exclusively(self.path)
+        try:
+            self._connect()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _connect(self) -> None:
         try:
             conn = sqlite3.connect(
                 str(self.path),
@@ -176,7 +249,7 @@ class Outbox:
             reason = str(exc)
             if not isinstance(exc, sqlite3.OperationalError) or "malformed" in reason:
                 # "file is not a database", "database disk image is malformed", ...
-                reason = _corrupt(reason)
+                raise OutboxCorrupt(self.path, reason) from exc
             raise ConfigError(f"{self.path}: cannot open outbox: {reason}") from exc
         except BaseException:
             self._conn = None
@@ -191,30 +264,37 @@ class Outbox:
         problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             detail = "; ".join(" ".join(str(p).split()) for p in problems[:3])
-            raise ConfigError(
-                f"{self.path}: cannot open outbox: {_corrupt('integrity check failed: ' + detail)}"
-            )
+            raise OutboxCorrupt(self.path, f"integrity check failed: {detail}")
         conn.execute(_SQL_BEGIN)
         try:
             for statement in _SCHEMA:
                 conn.execute(statement)
             _add_correlation_column(conn)
             conn.executemany(_SQL_META_INIT, _META_DEFAULTS)
+            conn.execute(_SQL_IDENT_INIT, (new_stream_id(),))
+            stream = conn.execute(_SQL_IDENT_STREAM).fetchone()[0]
             meta = dict(conn.execute(_SQL_META_ALL).fetchall())
             if meta["schema"] != SCHEMA_VERSION:
                 raise ConfigError(
                     f"{self.path}: cannot open outbox: schema version {meta['schema']},"
                     f" this agent understands {SCHEMA_VERSION}"
                 )
-            boot = int(meta["boot"]) + 1
-            conn.execute(_SQL_META_SET, (boot, "boot"))
+            boot = int(meta["boot"])
+            if self._count_boot:
+                boot += 1
+                conn.execute(_SQL_META_SET, (boot, "boot"))
             count, total = conn.execute(_SQL_TOTALS).fetchone()
+            self._start_age_clock(float(meta["age_clock"]), float(meta["age_wall"]))
+            self._save_age_clock(conn)
             conn.execute(_SQL_COMMIT)
         except BaseException:
             _rollback_quietly(conn)
             raise
         self._conn = conn
         self.boot = boot
+        self.stream: str = stream
+        self._quarantined = int(meta["quarantined"])
+        self._dropped_oversize = int(meta["dropped_oversize"])
         self._next_seq = int(meta["next_seq"])
         self._delivered = int(meta["delivered"])
         self._failed = int(meta["failed"])
@@ -225,6 +305,32 @@ class Outbox:
         self.expire()
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def _start_age_clock(self, saved: float, saved_wall: float) -> None:
+        wall = float(self._clock())
+        if saved < 0:
+            start = wall                       # a new outbox: Unix time
+        else:
+            gap = wall - saved_wall
+            start = saved + gap if 0 <= gap <= MAX_CLOSED_GAP_S else saved
+        self._age_base = start
+        self._mono_base = float(self._monotonic())
+
+    def age_clock(self) -> float:
+        """Now, on the clock that ``created`` and ``max_age_s`` are measured with."""
+        return self._age_base + (float(self._monotonic()) - self._mono_base)
+
+    def _save_age_clock(self, conn: sqlite3.Connection) -> None:
+        conn.execute(_SQL_AGE_CLOCK, (self.age_clock(), float(self._clock())))
+
+    def _expire_in(self, conn: sqlite3.Connection, now: float) -> tuple[int, int]:
+        """Inside a transaction: drop entries older than ``max_age_s``; (count, bytes)."""
+        cutoff = now - self.max_age_s
+        count, total = conn.execute(_SQL_EXPIRED_TOTALS, (cutoff,)).fetchone()
+        if count:
+            conn.execute(_SQL_EXPIRE, (cutoff,))
+            conn.execute(_SQL_META_BUMP, (count, "dropped_age"))
+        return count, int(total)
 
     def _connection(self) -> sqlite3.Connection:
         conn = self._conn
@@ -269,6 +375,8 @@ class Outbox:
         topic_len = len(topic.encode("utf-8"))
         with self._lock:
             with self._transaction() as conn:
+                created = self.age_clock()
+                expired, expired_bytes = self._expire_in(conn, created)
                 seq = int(conn.execute(_SQL_META_GET, ("next_seq",)).fetchone()[0])
                 payload = make_payload(seq)
                 if not isinstance(payload, (bytes, bytearray, memoryview)):
@@ -277,12 +385,12 @@ class Outbox:
                     )
                 payload = bytes(payload)
                 size = len(payload) + topic_len + len(correlation or b"")
-                created = float(self._clock())
                 conn.execute(_SQL_INSERT, (seq, created, size, kind, int(retain), topic, payload,
                                            correlation))
                 conn.execute(_SQL_META_SET, (seq + 1, "next_seq"))
-                count = self._count + 1
-                total = self._bytes + size
+                self._save_age_clock(conn)
+                count = self._count + 1 - expired
+                total = self._bytes + size - expired_bytes
                 dropped = 0
                 while total > self.max_bytes:
                     row = conn.execute(_SQL_OLDEST_NOT_EVENT, (seq,)).fetchone()
@@ -301,6 +409,7 @@ class Outbox:
             self._count = count
             self._bytes = total
             self._dropped_full += dropped
+            self._dropped_age += expired
             return Entry(seq, topic, kind, payload, bool(retain), created, correlation)
 
     def pending(self, limit: int, exclude: Collection[int] = ()) -> list[Entry]:
@@ -327,15 +436,28 @@ class Outbox:
         is ignored and not counted.
         """
         with self._lock:
+            if self._remove(seq, "delivered"):
+                self._delivered += 1
+
+    def drop_oversize(self, seq: int) -> None:
+        """``seq`` can never be sent (larger than the broker accepts): remove it, count it."""
+        with self._lock:
+            if self._remove(seq, "dropped_oversize"):
+                self._dropped_oversize += 1
+
+    def _remove(self, seq: int, counter: str) -> bool:
+        """Delete ``seq`` and bump the persisted ``counter``; False if it was not queued."""
+        with self._lock:
             with self._transaction() as conn:
                 row = conn.execute(_SQL_SIZE, (seq,)).fetchone()
                 if row is not None:
                     conn.execute(_SQL_DELETE, (seq,))
-                    conn.execute(_SQL_META_BUMP, (1, "delivered"))
-            if row is not None:
-                self._count -= 1
-                self._bytes -= row[0]
-                self._delivered += 1
+                    conn.execute(_SQL_META_BUMP, (1, counter))
+            if row is None:
+                return False
+            self._count -= 1
+            self._bytes -= row[0]
+            return True
 
     def record_failure(self, seq: int, reason: str) -> None:
         """The broker refused ``seq``: keep the entry, store ``reason`` on it, count a failure.
@@ -352,21 +474,37 @@ class Outbox:
     def expire(self) -> int:
         """Drop entries created more than ``max_age_s`` ago; return how many were dropped."""
         with self._lock:
-            cutoff = float(self._clock()) - self.max_age_s
             with self._transaction() as conn:
-                count, total = conn.execute(_SQL_EXPIRED_TOTALS, (cutoff,)).fetchone()
-                if count:
-                    conn.execute(_SQL_EXPIRE, (cutoff,))
-                    conn.execute(_SQL_META_BUMP, (count, "dropped_age"))
+                count, total = self._expire_in(conn, self.age_clock())
+                self._save_age_clock(conn)
             self._count -= count
-            self._bytes -= int(total)
+            self._bytes -= total
             self._dropped_age += count
             return count
+
+    def count_boot(self) -> int:
+        """Count a start (for an outbox opened with ``count_boot=False``); return its number.
+
+        The daemon calls it once the CAN source is open, so that failed starts (no interface
+        yet, a bad key file) spend no boot number.
+        """
+        with self._lock:
+            with self._transaction() as conn:
+                conn.execute(_SQL_META_BUMP, (1, "boot"))
+                self.boot = int(conn.execute(_SQL_META_GET, ("boot",)).fetchone()[0])
+            return self.boot
+
+    def _bump_meta(self, key: str) -> None:
+        with self._lock:
+            with self._transaction() as conn:
+                conn.execute(_SQL_META_BUMP, (1, key))
+            if key == "quarantined":
+                self._quarantined += 1
 
     def stats(self) -> OutboxStats:
         with self._lock:
             oldest = self._connection().execute(_SQL_OLDEST_CREATED).fetchone()[0]
-            age = None if oldest is None else max(0.0, float(self._clock()) - oldest)
+            age = None if oldest is None else max(0.0, self.age_clock() - oldest)
             return OutboxStats(
                 queued=self._count,
                 queued_bytes=self._bytes,
@@ -377,6 +515,8 @@ class Outbox:
                 delivered=self._delivered,
                 next_seq=self._next_seq,
                 boot=self.boot,
+                quarantined=self._quarantined,
+                dropped_oversize=self._dropped_oversize,
             )
 
     def __len__(self) -> int:
@@ -388,12 +528,65 @@ class Outbox:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.close()
+            self._unlock()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)   # releases the flock
 
     def __enter__(self) -> Outbox:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _lock_exclusively(path: Path) -> int:
+    """Take ``<path>.lock`` (flock, not waiting) and write our pid into it; return its fd."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open outbox: cannot create {lock_path}: "
+                          f"{exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        raise OutboxInUse(f"{path}: outbox in use by {who} (another car-agent on the same "
+                          "store.path?); refusing to start a second one") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def open_outbox(path: str | Path, **options) -> Outbox:
+    """:class:`Outbox`, but a corrupt file is quarantined instead of stopping the agent.
+
+    The corrupt database (and its -wal/-shm files) is renamed aside with a UTC timestamp
+    (``outbox.db.corrupt-20260101T120000Z``), the fact logged as an error and counted
+    (``quarantined`` in the new outbox's stats), and a new outbox with a new stream starts:
+    a car must not stop reporting for good over a damaged file (exit 2 is not restarted).
+    """
+    try:
+        return Outbox(path, **options)
+    except OutboxCorrupt as exc:
+        reason = exc.reason
+    path = Path(path)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        source = path.with_name(path.name + suffix)
+        if source.exists():
+            os.replace(source, aside.with_name(aside.name + suffix))
+    log.error("outbox: %s is corrupt (%s); quarantined as %s, starting a new outbox (new "
+              "stream)", path, reason, aside)
+    outbox = Outbox(path, **options)
+    outbox._bump_meta("quarantined")
+    return outbox
 
 
 def _rollback_quietly(conn: sqlite3.Connection) -> None:
