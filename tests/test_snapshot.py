@@ -331,7 +331,7 @@ def test_check_config_says_whether_requests_are_answered(tmp_path, pki):
                                  str(_agent_yaml(tmp_path, mqtt_yaml + extra))],
                                 capture_output=True, text=True, timeout=60, cwd=REPO)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.splitlines()[-1] == line
+        assert line in result.stdout.splitlines()
 
 
 @pytest.mark.parametrize("text, words", [
