@@ -72,6 +72,7 @@ class CloudWatcher:
         on_connect: Callable[[str], None] | None = None,
         client_id: str | None = None,
         tracker: SeqTracker | None = None,
+        topic_filter: str | None = None,
     ) -> None:
         self.config = config
         self.on_message = on_message
@@ -88,7 +89,7 @@ class CloudWatcher:
         if revocation is not None:
             revocation.problem()  # an expired CRL is reported at start, not at the first message
         self.ssl_context = make_ssl_context(config)
-        self.topic_filter = f"{config.topic_prefix}/+/#"
+        self.topic_filter = topic_filter or f"{config.topic_prefix}/+/#"
         self.connected = threading.Event()
         self.ever_connected = threading.Event()
         self.last_problem: str | None = None
@@ -116,6 +117,15 @@ class CloudWatcher:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1,
+                properties: Properties | None = None) -> bool:
+        """Publish with this watcher's connection (thread-safe); False while not connected."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return False
+        info = client.publish(topic, payload, qos=qos, properties=properties)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def __enter__(self) -> "CloudWatcher":
         return self.start()
