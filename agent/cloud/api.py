@@ -43,8 +43,15 @@ def _iso(ts: float | None) -> str | None:
         .replace("+00:00", "Z")
 
 
-class _CountRequests:
-    """ASGI middleware: every HTTP response counted by status (404s of unknown routes too)."""
+#: Requests with more header bytes (or lines) than this are refused with 431: a real client
+#: sends a few hundred bytes, and the server reads them all before anything else.
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADERS = 100
+
+
+class _Front:
+    """ASGI middleware in front of the app: refuses oversized headers (431) and counts every
+    HTTP response by status (404s of unknown routes and 503s too)."""
 
     def __init__(self, app: Any, metrics: ServeMetrics) -> None:
         self.app = app
@@ -60,6 +67,12 @@ class _CountRequests:
                 self.metrics.requests.labels(str(message["status"])).inc()
             await send(message)
 
+        headers = scope.get("headers") or []
+        if len(headers) > MAX_HEADERS or \
+                sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+            await JSONResponse({"detail": "request headers too large"}, status_code=431)(
+                scope, receive, counting_send)
+            return
         await self.app(scope, receive, counting_send)
 
 
@@ -154,4 +167,4 @@ def create_app(store: Store, owners: OwnerDirectory, limiter: RateLimiter,
     def prometheus() -> Response:
         return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
-    return _CountRequests(app, metrics)  # type: ignore[return-value]
+    return _Front(app, metrics)  # type: ignore[return-value]

@@ -68,7 +68,7 @@ class Service:
             app, host=http.host, port=http.port, log_level="warning", access_log=False,
             ssl_certfile=str(http.cert) if http.cert else None,
             ssl_keyfile=str(http.key) if http.key else None,
-            lifespan="off", h11_max_incomplete_event_size=16 * 1024))
+            lifespan="off", http="h11", h11_max_incomplete_event_size=16 * 1024))
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread: threading.Thread | None = None
         self.port = http.port
