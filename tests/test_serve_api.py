@@ -7,25 +7,21 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.cloud.owners import add_owner
 from agent.cloud.serve import Service
 from agent.dev.broker import DevBroker, free_port
 from agent.uplink.signing import Signer, b64url_decode, b64url_encode
 from conftest import running_broker
-from support.serving import (DOOR, FUEL, LOCK, RANGE, T0, TRUNK, WINDOW, claims, get, metric,
-                             serve_yaml, sign, start_service, wait_for)
+from support.serving import (DOOR, FUEL, FULL, LOCK, RANGE, WINDOW, claims, fake_car, get,
+                             metric, serve_yaml, sign, start_service, wait_for)
 
 REPO = Path(__file__).resolve().parent.parent
-FULL = {RANGE: 423_600, FUEL: 63.4, DOOR: False, LOCK: True, WINDOW: 0, TRUNK: False}
 
 
 @pytest.fixture
@@ -262,27 +258,6 @@ def test_http_fuzz_is_a_clear_4xx_never_a_500(service, owners, signer, mqtt_clie
 
 
 # --------------------------------------------------------------------------- refresh
-
-
-def fake_car(mqtt_client, signer, answers: bool):
-    """VIN1's client subscribed to its snapshot requests; answers each with a signed state."""
-    car = mqtt_client("VIN1")
-    requests: list[Properties] = []
-    subscribed = threading.Event()
-    seq = iter(range(100, 200))
-
-    def on_message(client, userdata, msg) -> None:
-        requests.append(msg.properties)
-        if answers:
-            client.publish("vehicles/VIN1/state",
-                           sign(signer, claims(next(seq), signals=dict(FULL, **{FUEL: 12.5}))),
-                           qos=1)
-
-    car.client.on_message = on_message
-    car.client.on_subscribe = lambda *args: subscribed.set()
-    car.client.subscribe("vehicles/VIN1/cmd/snapshot", qos=1)
-    assert subscribed.wait(5)
-    return car, requests
 
 
 def test_refresh_asks_the_car_and_answers_fresh(service, owners, signer, mqtt_client) -> None:

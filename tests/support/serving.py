@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+from paho.mqtt.properties import Properties
 
 from agent.cloud.config import load_cloud_config
 from agent.cloud.serve import Service
@@ -20,6 +21,7 @@ DOOR = "Vehicle.Cabin.Door.Row1.DriverSide.IsOpen"
 LOCK = "Vehicle.Cabin.Door.Row1.DriverSide.IsLocked"
 WINDOW = "Vehicle.Cabin.Door.Row2.PassengerSide.Window.Position"
 TRUNK = "Vehicle.Body.Trunk.Rear.IsOpen"
+FULL = {RANGE: 423_600, FUEL: 63.4, DOOR: False, LOCK: True, WINDOW: 0, TRUNK: False}
 
 
 def claims(seq: int, *, vid: str = "VIN1", kind: str = "state", ts: float | None = None,
@@ -87,3 +89,24 @@ def get(service: Service, path: str, token: str | None = None, **kwargs: Any) ->
 
 def sign(signer: Signer, c: dict[str, Any]) -> bytes:
     return signer.sign(c).encode("ascii")
+
+
+def fake_car(mqtt_client, signer, answers: bool):
+    """VIN1's client subscribed to its snapshot requests; answers each with a signed state."""
+    car = mqtt_client("VIN1")
+    requests: list[Properties] = []
+    subscribed = threading.Event()
+    seq = iter(range(100, 200))
+
+    def on_message(client, userdata, msg) -> None:
+        requests.append(msg.properties)
+        if answers:
+            client.publish("vehicles/VIN1/state",
+                           sign(signer, claims(next(seq), signals=dict(FULL, **{FUEL: 12.5}))),
+                           qos=1)
+
+    car.client.on_message = on_message
+    car.client.on_subscribe = lambda *args: subscribed.set()
+    car.client.subscribe("vehicles/VIN1/cmd/snapshot", qos=1)
+    assert subscribed.wait(5)
+    return car, requests
