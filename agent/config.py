@@ -97,6 +97,15 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class CmdConfig:
+    """Snapshot requests from the cloud (the only command there is: the agent never actuates)."""
+
+    enabled: bool = True
+    snapshot_rate: float = 0.5      # requests answered per second, sustained
+    snapshot_burst: int = 3         # ... and at once after a quiet spell
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     file: Path
     vehicle_id: str
@@ -109,6 +118,7 @@ class AgentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    cmd: CmdConfig = field(default_factory=CmdConfig)
 
     def require(self, *sections: str) -> None:
         """Fail with one line if a section a command needs is absent."""
@@ -118,7 +128,7 @@ class AgentConfig:
 
 
 TOP_KEYS = ("vehicle_id", "can", "dbc", "mapping", "signing", "mqtt", "store", "policy",
-            "logging", "security")
+            "logging", "security", "cmd")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -153,6 +163,7 @@ def load_config(path: str | Path) -> AgentConfig:
         logging=_logging(top.section("logging")),
         policy=_policy(top.section("policy")),
         security=_security(top.section("security")),
+        cmd=_cmd(top.section("cmd")),
     )
 
 
@@ -288,3 +299,17 @@ def _security(s: Section | None) -> SecurityConfig:
         return SecurityConfig()
     s.reject_unknown(("cert_warn_days",))
     return SecurityConfig(cert_warn_days=s.integer("cert_warn_days", 30, minimum=0, maximum=3650))
+
+
+def _cmd(s: Section | None) -> CmdConfig:
+    default = CmdConfig()
+    if s is None:
+        return default
+    s.reject_unknown(("enabled", "snapshot_rate", "snapshot_burst"))
+    return CmdConfig(
+        enabled=s.get("enabled", bool, default.enabled),
+        snapshot_rate=float(s.number("snapshot_rate", default.snapshot_rate, minimum=0.0,
+                                     exclusive_minimum=True)),
+        snapshot_burst=s.integer("snapshot_burst", default.snapshot_burst, minimum=1,
+                                 maximum=100),
+    )

@@ -47,8 +47,13 @@ def test_config_files(broker: DevBroker, pki: Path) -> None:
         assert line in conf.splitlines()
     assert any(line.startswith("user ") for line in conf.splitlines())
     acl = broker.acl_path.read_text().splitlines()
-    assert "pattern readwrite vehicles/%u/#" in acl
-    assert acl.index("topic read vehicles/#") == acl.index("user cloud") + 1
+    for line in ("pattern write vehicles/%u/+", "pattern write vehicles/%u/snapshot/+",
+                 "pattern read vehicles/%u/cmd/#"):
+        assert line in acl
+    cloud = acl.index("user cloud")
+    assert acl[cloud + 1:cloud + 4] == ["topic read vehicles/+/+",
+                                        "topic read vehicles/+/snapshot/+",
+                                        "topic write vehicles/+/cmd/#"]
     assert "mosquitto version" in broker.log_text() and "running" in broker.log_text()
 
 

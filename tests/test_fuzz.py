@@ -12,7 +12,8 @@ never unbounded memory. Covered here, in process:
   real DBCs in ``../shared/data`` (skipped only when that folder is missing);
 * capture readers (candump, ASC, TRC, BLF, gzip): random bytes and line soups;
 * the decoder and state (``SignalPipeline``) with random frames and times;
-* inbound MQTT: the agent subscribes to nothing; the cloud watcher's ``MessageChecker`` gets
+* inbound MQTT: the agent subscribes to one topic only (its snapshot requests, whose check is
+  fuzzed in tests/test_snapshot.py); the cloud watcher's ``MessageChecker`` gets
   random topics and payloads, forged and validly signed tokens with wrong claim types.
 
 Everything is derandomized (reproducible in CI). Known bugs are pinned by
@@ -1245,38 +1246,48 @@ def test_pipeline_valid_frames_publish_expected_types(payloads):
 # --------------------------------------------------------------------------- inbound MQTT
 
 
-def test_agent_subscribes_to_nothing(work):
-    """The agent publishes only: no subscribe call, no on_message handler, anywhere."""
+def test_agent_subscribes_to_exactly_one_topic(work, pki, broker):
+    """The agent's one subscription is its own snapshot-request topic (QoS 1, no-local), made by
+    the uplink in one place; its one message handler is the request check
+    (agent.uplink.requests, fuzzed in tests/test_snapshot.py). ``cmd.enabled: false``: none."""
     import agent.can.source
     import agent.service.daemon
     import agent.uplink.mqtt
-    from agent.dev.broker import free_port
-    from agent.uplink.outbox import Outbox
     from agent.uplink.mqtt import Uplink
+    from agent.uplink.outbox import Outbox
 
-    for module in (agent.uplink.mqtt, agent.service.daemon, agent.can.source):
+    for module in (agent.service.daemon, agent.can.source):
         source = inspect.getsource(module)
         assert "subscribe" not in source and "on_message" not in source, module.__name__
+    source = inspect.getsource(agent.uplink.mqtt)
+    assert source.count("subscribe(") == 1 and source.count("on_message =") == 1
 
-    pki = fresh(work, "pki")
-    init_pki(pki, ["VIN1"])
-    port = free_port()   # nothing listens there
-    config_path = pki.parent / "agent.yaml"
-    config_path.write_text(
-        f"vehicle_id: VIN1\ndbc: [{DEMO_DBC}]\nmapping: {DEMO_MAPPING}\n"
-        f"mqtt: {{host: 127.0.0.1, port: {port}, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'},"
-        f" key: {pki / 'VIN1.key'}, reconnect_min_s: 0.05, reconnect_max_s: 0.1}}\n")
-    config = load_config(config_path)
-    with Outbox(pki.parent / "outbox.db") as outbox:
-        uplink = Uplink(config.mqtt, "VIN1", outbox)
-        calls = []
-        uplink.client.subscribe = lambda *a, **k: calls.append((a, k))
-        assert uplink.client.on_message is None
-        uplink.start()
-        time.sleep(0.5)     # a few connection attempts to the closed port
-        uplink.stop()
-        assert calls == [] and uplink.client.on_message is None
-        assert uplink.counters.connects == 0
+    for enabled in (True, False):
+        folder = fresh(work, "agent").parent
+        config_path = folder / "agent.yaml"
+        config_path.write_text(
+            f"vehicle_id: VIN1\ndbc: [{DEMO_DBC}]\nmapping: {DEMO_MAPPING}\n"
+            f"mqtt: {{host: 127.0.0.1, port: {broker.port}, ca: {pki / 'ca.crt'}, "
+            f"cert: {pki / 'VIN1.crt'}, key: {pki / 'VIN1.key'}}}\n"
+            f"cmd: {{enabled: {str(enabled).lower()}}}\n")
+        config = load_config(config_path)
+        with Outbox(folder / "outbox.db") as outbox:
+            uplink = Uplink(config.mqtt, "VIN1", outbox, config.cmd)
+            calls = []
+            subscribe = uplink.client.subscribe
+            uplink.client.subscribe = lambda *a, **k: (calls.append((a, k)), subscribe(*a, **k))[1]
+            uplink.start()
+            assert uplink.connected.wait(10), uplink.last_error
+            uplink.stop()      # joins the network thread: the CONNACK handler has run to its end
+            assert uplink.counters.connects == 1
+            if enabled:
+                [(args, kwargs)] = calls
+                assert args == ("vehicles/VIN1/cmd/snapshot",)
+                assert (kwargs["options"].QoS, kwargs["options"].noLocal) == (1, True)
+                assert uplink.client.on_message == uplink._on_request
+            else:
+                assert calls == [] and uplink.client.on_message is None
+                assert uplink.requests is None
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,9 @@
   replay. Verified: ``{"vid", "topic", "kind", "seq", "boot", "ts", "signals", "quality",
   "age"?, "kid", "alg", "verified": true, "retained"}``. Rejected: ``{"topic", "rejected":
   reason, "verified": false, "seq"?}``.
+* ``<prefix>/<vid>/snapshot`` and ``<prefix>/<vid>/snapshot/<requester>`` (the response topics
+  of snapshot requests, :mod:`agent.cloud.snapshot`): a JWS token checked as state is, whose
+  ``kind`` claim must be ``"snapshot"``.
 * ``<prefix>/<vid>/status``: unsigned ``online``/``offline`` (or a JSON object):
   ``{"vid", "topic", "kind": "status", "status", "verified": false, "retained"}``.
 """
@@ -14,10 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Callable
 
+from agent.cloud.config import CloudConfig
 from agent.cloud.revocation import CrlTrust
 from agent.config import VEHICLE_ID_PATTERN
+from agent.uplink.requests import REQUESTER_PATTERN
 from agent.uplink.signing import VerificationError, Verifier
 
 log = logging.getLogger("car_agent.cloud")
@@ -27,7 +32,7 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 #: Highest accepted ``seq`` (a signed 64-bit counter on the vehicle).
 MAX_SEQ = 2**63 - 1
 
-_KINDS = {"events": "event", "state": "state"}
+_KINDS = {"events": "event", "state": "state", "snapshot": "snapshot"}
 
 
 # --------------------------------------------------------------------------- replay detection
@@ -135,15 +140,21 @@ class MessageChecker:
     def _check(self, topic: str, payload: bytes, retained: bool) -> dict[str, Any]:
         parts = topic.split("/")
         n = len(self.prefix_parts)
+        if len(parts) == n + 3 and parts[:n] == self.prefix_parts:
+            why = _response_topic_problem(parts[n + 1:])
+            if why is not None:
+                return _rejected(topic, why)
+            parts = parts[:n + 2]     # snapshot/<requester>: checked as snapshot
         if len(parts) != n + 2 or parts[:n] != self.prefix_parts:
             return _rejected(topic, "unexpected topic (expected "
-                                    f"{'/'.join(self.prefix_parts)}/<vid>/events|state|status)")
+                                    f"{'/'.join(self.prefix_parts)}/<vid>/events|state|status"
+                                    "|snapshot)")
         vid, leaf = parts[n], parts[n + 1]
         if not VEHICLE_ID_PATTERN.fullmatch(vid):
             return _rejected(topic, "unexpected topic: not a valid vehicle id")
-        if leaf not in ("events", "state", "status", "metrics"):
+        if leaf not in ("events", "state", "status", "metrics", "snapshot"):
             return _rejected(topic, f"unexpected topic: unknown leaf {leaf[:40]!r} "
-                                    "(expected events, state, status or metrics)")
+                                    "(expected events, state, status, metrics or snapshot)")
         if len(payload) > MAX_PAYLOAD_BYTES:
             return _rejected(topic, f"payload too large ({len(payload)} bytes, "
                                     f"limit {MAX_PAYLOAD_BYTES})")
@@ -182,7 +193,8 @@ class MessageChecker:
             why = self.revocation.check(kid if isinstance(kid, str) else None, cert, claim_vid)
             if why is not None:
                 return _rejected(topic, why, seq)
-        kind = claims.get("kind", _KINDS[leaf])
+        # A snapshot must say so: a state token must not pass as the answer to a request.
+        kind = claims.get("kind", _KINDS[leaf] if leaf != "snapshot" else None)
         if kind != _KINDS[leaf]:
             return _rejected(topic, f"kind claim {str(kind)[:32]!r} does not match topic "
                                     f"{leaf!r}", seq)
@@ -230,6 +242,25 @@ class MessageChecker:
         return record
 
 
+def checker_for(config: CloudConfig, tracker: SeqTracker | None = None,
+                on_problem: Callable[[str], None] | None = None) -> MessageChecker:
+    """The checker a cloud config describes: its JWK Set, topic prefix and (optional) CRL.
+
+    An expired CRL is reported through ``on_problem`` at once, not at the first message.
+
+    :raises UserError: the key set or the CRL cannot be read (one line).
+    """
+    revocation = None
+    if config.crl is not None:
+        revocation = CrlTrust(config.crl, config.ca, where=f"{config.file}: crl",
+                              ca_where=f"{config.file}: mqtt.ca", on_problem=on_problem)
+    checker = MessageChecker(Verifier.from_jwks_file(config.trust), config.topic_prefix, tracker,
+                             revocation=revocation)
+    if revocation is not None:
+        revocation.problem()
+    return checker
+
+
 def _metrics_record(topic: str, vid: str, payload: bytes) -> dict[str, Any]:
     """Health metrics (unsigned JSON): shown, never verified, never trusted for state."""
     try:
@@ -239,6 +270,18 @@ def _metrics_record(topic: str, vid: str, payload: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         return _rejected(topic, "malformed: metrics are not a JSON object")
     return {"vid": vid, "topic": topic, "kind": "metrics", "metrics": obj, "verified": False}
+
+
+def _response_topic_problem(leaves: list[str]) -> str | None:
+    """Why ``<vid>/<a>/<b>`` is not a snapshot response topic (None if it is one)."""
+    if leaves[0] == "cmd":
+        return "a request to the vehicle (cmd), not a message from it"
+    if leaves[0] != "snapshot":
+        return (f"unexpected topic: unknown leaf {leaves[0][:40]!r}/... (only snapshot/<requester> "
+                "has a level below the leaf)")
+    if not REQUESTER_PATTERN.fullmatch(leaves[1]):
+        return "unexpected topic: the requester id is not 1-64 of A-Z a-z 0-9 _ -"
+    return None
 
 
 def _claims_problem(claims: dict[str, Any]) -> str | None:

@@ -30,11 +30,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.cloud.checks import MessageChecker, SeqTracker, _rejected
+from agent.cloud.checks import SeqTracker, _rejected, checker_for
 from agent.cloud.config import CloudConfig, load_cloud_config, make_ssl_context
-from agent.cloud.revocation import CrlTrust
 from agent.errors import KeyFileError, UserError
-from agent.uplink.signing import Verifier
 from agent.uplink.tlsdiag import (
     _short,
     describe_connect_error,
@@ -79,15 +77,7 @@ class CloudWatcher:
         self.on_problem = on_problem or (lambda text: log.warning("%s", text))
         self.on_connect = on_connect or (lambda text: log.info("%s", text))
         self.client_id = client_id or f"cloud-watch-{secrets.token_hex(6)}"
-        revocation = None
-        if config.crl is not None:
-            revocation = CrlTrust(config.crl, config.ca, where=f"{config.file}: crl",
-                                  ca_where=f"{config.file}: mqtt.ca",
-                                  on_problem=self._crl_problem)
-        self.checker = MessageChecker(Verifier.from_jwks_file(config.trust),
-                                      config.topic_prefix, tracker, revocation=revocation)
-        if revocation is not None:
-            revocation.problem()  # an expired CRL is reported at start, not at the first message
+        self.checker = checker_for(config, tracker, on_problem=self._crl_problem)
         self.ssl_context = make_ssl_context(config)
         self.topic_filter = topic_filter or f"{config.topic_prefix}/+/#"
         self.connected = threading.Event()

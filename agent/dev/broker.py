@@ -5,8 +5,10 @@ DEVELOPMENT ONLY. It writes a mosquitto config and ACL into a work directory, st
 
 * accepts only clients with a certificate from the dev CA (``require_certificate``) and
   takes the certificate's CN as the user name (``use_identity_as_username``);
-* lets each vehicle read and write only ``vehicles/<its CN>/#``; user ``cloud`` may read
-  ``vehicles/#``;
+* lets each vehicle publish only its own ``vehicles/<CN>/<leaf>`` and snapshot answers
+  ``vehicles/<CN>/snapshot/<requester>``, and read only its own ``vehicles/<CN>/cmd/#``;
+  user ``cloud`` reads what vehicles publish and alone may publish requests to
+  ``vehicles/+/cmd/#``;
 * keeps nothing on disk (``persistence false``) and logs everything to its stderr.
 
 The child is asked to die with the thread that started it (``PR_SET_PDEATHSIG``), so a
@@ -259,11 +261,17 @@ class DevBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         acl = [
             "# written by agent.devbroker (development only)",
-            "# each vehicle (certificate CN) owns vehicles/<CN>/...",
-            "pattern readwrite vehicles/%u/#",
+            "# each vehicle (certificate CN) publishes under vehicles/<CN>/ (but never to its",
+            "# cmd/ topics) and reads only its own requests",
+            "pattern write vehicles/%u/+",
+            "pattern write vehicles/%u/snapshot/+",
+            "pattern read vehicles/%u/cmd/#",
             "",
+            "# the cloud reads what vehicles publish (not the requests) and alone sends requests",
             "user cloud",
-            "topic read vehicles/#",
+            "topic read vehicles/+/+",
+            "topic read vehicles/+/snapshot/+",
+            "topic write vehicles/+/cmd/#",
             "",
             self.acl_extra,
             "",

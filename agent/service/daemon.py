@@ -61,7 +61,7 @@ class Agent:
         self.outbox = Outbox(config.store.path, max_bytes=config.store.max_bytes,
                              max_age_s=config.store.max_age_s)
         self.envelopes = Envelopes(self.signer, config.vehicle_id, self.outbox.boot)
-        self.uplink = Uplink(config.mqtt, config.vehicle_id, self.outbox)
+        self.uplink = Uplink(config.mqtt, config.vehicle_id, self.outbox, config.cmd)
         self.stop_requested = threading.Event()
         self.source: FrameSource | None = None
         self.notifier = Notifier.from_environ()
@@ -91,6 +91,23 @@ class Agent:
         if outgoing:
             self.uplink.wake()
 
+    def _answer_requests(self, now: float) -> None:
+        """Snapshot requests queued by the uplink: a signed snapshot each, through the outbox
+        (so it has a seq and survives an outage), to the request's response topic."""
+        requests = self.uplink.requests
+        for request in requests.take():
+            try:
+                self.outbox.add(request.response_topic, "snapshot",
+                                self.envelopes.snapshot(self.pipeline.state, now),
+                                correlation=request.correlation)
+            except sqlite3.Error as exc:
+                self.store_errors += 1
+                log.error("outbox: cannot store a snapshot (%d store error(s) so far): %s",
+                          self.store_errors, exc)
+                continue
+            requests.answered()
+        self.uplink.wake()
+
     def run(self) -> RunResult:
         config = self.config
         log.info("car-agent: vehicle %s, boot %d, %d signals from %d frame id(s), outbox %s "
@@ -105,6 +122,7 @@ class Agent:
                             f"{len(self.outbox)} queued")
         notifier = self.notifier
         pipeline, policy = self.pipeline, self.policy
+        requests = self.uplink.requests
         interval = config.logging.stats_interval_s
         next_stats = time.monotonic() + interval
         try:
@@ -123,6 +141,8 @@ class Agent:
                 outgoing = policy.due(now)
                 if outgoing:
                     self._commit(outgoing, now)
+                if requests is not None and requests.waiting:
+                    self._answer_requests(now)
                 if time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + interval
                     self._report_health()
@@ -180,6 +200,8 @@ class Agent:
             "warning": self.cert_warning}
         metrics["log_lines_suppressed"] = logsetup.rate_limit.suppressed \
             if logsetup.rate_limit else 0
+        if self.uplink.requests is not None:
+            metrics["snapshot_requests"] = self.uplink.requests.counters.as_dict()
         self.uplink.publish_metrics(json.dumps(metrics, separators=(",", ":")).encode())
         self.notifier.status(f"{rate:.0f} frames/s, {outbox.queued} queued, uplink "
                              f"{'connected' if self.uplink.connected.is_set() else 'disconnected'}")

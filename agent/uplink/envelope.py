@@ -2,8 +2,9 @@
 
 Claims (a contract): ``vid``, ``seq``, ``boot``, ``ts`` (ms since the Unix epoch, at signing),
 ``signals`` ({VSS path: value, null when not valid}), ``quality`` ({VSS path: quality} for every
-signal that is not valid). Extras: ``kind`` ("event"/"state") and, on state, ``age``
-({VSS path: seconds since its last frame, null if never received}).
+signal that is not valid). Extras: ``kind`` ("event"/"state"/"snapshot") and, on state and
+snapshot, ``age`` ({VSS path: seconds since its last frame, null if never received}). A
+snapshot is a state sent on request (``agent.uplink.requests``): the same claims, its own kind.
 
 The outbox allocates ``seq`` inside its transaction, so envelopes are built as
 ``make_payload(seq) -> bytes`` callables.
@@ -42,7 +43,7 @@ class Envelopes:
                 quality[change.path] = change.quality
         return self._factory("event", signals, quality, None)
 
-    def state(self, state: VehicleState, now: float) -> PayloadFactory:
+    def state(self, state: VehicleState, now: float, kind: str = "state") -> PayloadFactory:
         signals = {}
         quality = {}
         age = {}
@@ -52,7 +53,11 @@ class Envelopes:
             if not valid:
                 quality[path] = entry["quality"]
             age[path] = entry["age"]
-        return self._factory("state", signals, quality, age)
+        return self._factory(kind, signals, quality, age)
+
+    def snapshot(self, state: VehicleState, now: float) -> PayloadFactory:
+        """The state's claims with ``"kind": "snapshot"``: the answer to a request."""
+        return self.state(state, now, kind="snapshot")
 
     def _factory(self, kind: str, signals: dict, quality: dict, age: dict | None) -> PayloadFactory:
         def make_payload(seq: int) -> bytes:

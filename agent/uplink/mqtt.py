@@ -23,11 +23,15 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from cryptography import x509
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.config import MqttConfig
+from agent.config import CmdConfig, MqttConfig
 from agent.errors import KeyFileError
 from agent.uplink.keyfiles import FileWatcher, check_private_key_file
-from agent.uplink.outbox import Outbox
+from agent.uplink.outbox import Entry, Outbox
+from agent.uplink.requests import SnapshotRequests
 from agent.uplink.tlsdiag import ClosingSSLSocket, describe_connect_error, describe_tls_alert, probe_tls12
 
 log = logging.getLogger("car_agent.uplink")
@@ -81,7 +85,8 @@ class UplinkCounters:
 
 
 class Uplink:
-    def __init__(self, config: MqttConfig, vehicle_id: str, outbox: Outbox) -> None:
+    def __init__(self, config: MqttConfig, vehicle_id: str, outbox: Outbox,
+                 cmd: CmdConfig | None = None) -> None:
         self.config = config
         self.vehicle_id = vehicle_id
         self.outbox = outbox
@@ -100,6 +105,11 @@ class Uplink:
         self._status_acked = threading.Event()
         self._metrics: bytes | None = None
         self._thread: threading.Thread | None = None
+        # Snapshot requests (the one subscription); None: cmd.enabled false, or no cmd config.
+        self.requests: SnapshotRequests | None = None
+        if cmd is not None and cmd.enabled:
+            self.requests = SnapshotRequests(config.topic_prefix, vehicle_id, cmd.snapshot_rate,
+                                             cmd.snapshot_burst)
         self._context = build_tls_context(config)
         self.client = self._make_client()
         self._credentials = FileWatcher([config.ca, config.cert, config.key])
@@ -117,6 +127,8 @@ class Uplink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_log = self._on_log
+        if self.requests is not None:
+            self._listen_for_requests(client)
         return client
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -270,7 +282,8 @@ class Uplink:
                 else:
                     del self._retry_at[seq]
         for entry in self.outbox.pending(room, exclude=blocked):
-            info = client.publish(entry.topic, entry.payload, qos=1, retain=entry.retain)
+            info = client.publish(entry.topic, entry.payload, qos=1, retain=entry.retain,
+                                  properties=_response_properties(entry))
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 break
             self._inflight[info.mid] = entry.seq
@@ -297,6 +310,8 @@ class Uplink:
         self.last_error = None
         self.connected.set()
         client.publish(self.topics["status"], b"online", qos=1, retain=True)
+        if self.requests is not None:
+            self._subscribe_requests(client)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self.connected.is_set()
@@ -338,6 +353,29 @@ class Uplink:
         self.outbox.delete(seq)
         self.counters.acknowledged += 1
 
+    # -- snapshot requests (agent.uplink.requests): the agent's only subscription --------------
+    def _listen_for_requests(self, client: mqtt.Client) -> None:
+        client.on_message = self._on_request
+        client.on_subscribe = self._on_request_subscribed
+
+    def _subscribe_requests(self, client: mqtt.Client) -> None:
+        # no_local: a request can never come from ourselves.
+        client.subscribe(self.requests.topic, options=SubscribeOptions(qos=1, noLocal=True))
+
+    def _on_request(self, client, userdata, message) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = None
+        # Checked and queued here (never raises), answered by the daemon's loop.
+        self.requests.offer(topic, message.payload, getattr(message, "properties", None))
+
+    def _on_request_subscribed(self, client, userdata, mid, reason_codes, properties) -> None:
+        failures = [str(code) for code in reason_codes if code.is_failure]
+        if failures:
+            log.error("uplink: broker refused the subscription to %s: %s", self.requests.topic,
+                      ", ".join(failures))
+
     def _on_log(self, client, userdata, level, text) -> None:
         if level == mqtt.MQTT_LOG_ERR:
             hint = describe_tls_alert(text)
@@ -349,3 +387,12 @@ class Uplink:
         state = "connected" if self.connected.is_set() else "disconnected"
         return (f"{state}, {len(self.outbox)} queued, {len(self._inflight)} in flight, "
                 f"{self.counters.acknowledged} delivered, {self.counters.refused} refused")
+
+
+def _response_properties(entry: Entry) -> Properties | None:
+    """A response to a snapshot request echoes the request's Correlation Data."""
+    if entry.correlation is None:
+        return None
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.CorrelationData = entry.correlation
+    return properties

@@ -79,8 +79,8 @@ _SQL_META_GET = "SELECT value FROM meta WHERE key = ?"
 _SQL_META_SET = "UPDATE meta SET value = ? WHERE key = ?"
 _SQL_META_BUMP = "UPDATE meta SET value = value + ? WHERE key = ?"
 _SQL_INSERT = (
-    "INSERT INTO entries (seq, created, size, kind, retain, topic, payload)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO entries (seq, created, size, kind, retain, topic, payload, correlation)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SQL_OLDEST_NOT_EVENT = (
     "SELECT seq, size FROM entries WHERE kind != 'event' AND seq < ? ORDER BY seq LIMIT 1"
@@ -90,7 +90,8 @@ _SQL_SIZE = "SELECT size FROM entries WHERE seq = ?"
 _SQL_DELETE = "DELETE FROM entries WHERE seq = ?"
 _SQL_FAIL = "UPDATE entries SET failures = failures + 1, last_error = ? WHERE seq = ?"
 _SQL_PENDING = (
-    "SELECT seq, topic, kind, payload, retain, created FROM entries ORDER BY seq LIMIT ?"
+    "SELECT seq, topic, kind, payload, retain, created, correlation FROM entries"
+    " ORDER BY seq LIMIT ?"
 )
 _SQL_TOTALS = "SELECT count(*), total(size) FROM entries"
 _SQL_EXPIRED_TOTALS = "SELECT count(*), total(size) FROM entries WHERE created < ?"
@@ -115,6 +116,7 @@ class Entry:
     payload: bytes
     retain: bool
     created: float  # unix seconds
+    correlation: bytes | None = None  # MQTT 5 Correlation Data to publish with (a response)
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ class Outbox:
         try:
             for statement in _SCHEMA:
                 conn.execute(statement)
+            _add_correlation_column(conn)
             conn.executemany(_SQL_META_INIT, _META_DEFAULTS)
             meta = dict(conn.execute(_SQL_META_ALL).fetchall())
             if meta["schema"] != SCHEMA_VERSION:
@@ -252,6 +255,7 @@ class Outbox:
         make_payload: Callable[[int], bytes],
         *,
         retain: bool = False,
+        correlation: bytes | None = None,
     ) -> Entry:
         """Allocate the next seq, build the payload with it and store both in one transaction.
 
@@ -272,9 +276,10 @@ class Outbox:
                         f"outbox: make_payload must return bytes, got {type(payload).__name__}"
                     )
                 payload = bytes(payload)
-                size = len(payload) + topic_len
+                size = len(payload) + topic_len + len(correlation or b"")
                 created = float(self._clock())
-                conn.execute(_SQL_INSERT, (seq, created, size, kind, int(retain), topic, payload))
+                conn.execute(_SQL_INSERT, (seq, created, size, kind, int(retain), topic, payload,
+                                           correlation))
                 conn.execute(_SQL_META_SET, (seq + 1, "next_seq"))
                 count = self._count + 1
                 total = self._bytes + size
@@ -296,7 +301,7 @@ class Outbox:
             self._count = count
             self._bytes = total
             self._dropped_full += dropped
-            return Entry(seq, topic, kind, payload, bool(retain), created)
+            return Entry(seq, topic, kind, payload, bool(retain), created, correlation)
 
     def pending(self, limit: int, exclude: Collection[int] = ()) -> list[Entry]:
         """Up to ``limit`` entries, lowest seq first, skipping seqs in ``exclude`` (in flight)."""
@@ -306,10 +311,11 @@ class Outbox:
         with self._lock:
             rows = self._connection().execute(_SQL_PENDING, (limit + len(skip),)).fetchall()
         out = []
-        for seq, topic, kind, payload, retain, created in rows:
+        for seq, topic, kind, payload, retain, created, correlation in rows:
             if seq in skip:
                 continue
-            out.append(Entry(seq, topic, kind, bytes(payload), bool(retain), created))
+            out.append(Entry(seq, topic, kind, bytes(payload), bool(retain), created,
+                             None if correlation is None else bytes(correlation)))
             if len(out) == limit:
                 break
         return out
@@ -397,3 +403,10 @@ def _rollback_quietly(conn: sqlite3.Connection) -> None:
             conn.execute(_SQL_ROLLBACK)
         except sqlite3.Error:
             pass
+
+
+def _add_correlation_column(conn: sqlite3.Connection) -> None:
+    """Outboxes written before snapshot requests lack the column; an older agent ignores it."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+    if "correlation" not in columns:
+        conn.execute("ALTER TABLE entries ADD COLUMN correlation BLOB")
