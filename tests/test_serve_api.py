@@ -17,19 +17,10 @@ from agent.cloud.owners import add_owner
 from agent.cloud.serve import Service
 from agent.dev.broker import DevBroker, free_port
 from agent.uplink.signing import Signer, b64url_decode, b64url_encode
-from conftest import running_broker
 from support.serving import (DOOR, FUEL, FULL, LOCK, RANGE, WINDOW, claims, fake_car, get,
                              metric, serve_yaml, sign, start_service, wait_for)
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def broker(pki: Path, tmp_path_factory, request) -> Iterator[DevBroker]:
-    """The dev broker; the cloud identity may also publish snapshot requests."""
-    dev = DevBroker(pki, tmp_path_factory.mktemp("broker"),
-                    acl_extra="user cloud\ntopic write vehicles/+/cmd/#")
-    yield from running_broker(dev, request)
 
 
 @pytest.fixture(scope="module")

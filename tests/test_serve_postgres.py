@@ -13,9 +13,7 @@ import pytest
 from agent.cloud.owners import add_owner
 from agent.cloud.store import open_store
 from agent.cloud.view import merge
-from agent.dev.broker import DevBroker
 from agent.uplink.signing import Signer
-from conftest import running_broker
 from support.postgres import PrivatePostgres
 from support.serving import (DOOR, FUEL, FULL, RANGE, T0, claims, fake_car, get, metric,
                              serve_yaml, sign, start_service, wait_for)
@@ -26,13 +24,6 @@ def postgres() -> Iterator[PrivatePostgres]:
     pg = PrivatePostgres().start()
     yield pg
     pg.stop()
-
-
-@pytest.fixture
-def broker(pki: Path, tmp_path_factory, request) -> Iterator[DevBroker]:
-    dev = DevBroker(pki, tmp_path_factory.mktemp("broker"),
-                    acl_extra="user cloud\ntopic write vehicles/+/cmd/#")
-    yield from running_broker(dev, request)
 
 
 def test_two_instances_split_the_stream_store_each_message_once_and_agree(

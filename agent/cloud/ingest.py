@@ -10,9 +10,11 @@ splits the stream between the instances of the group. Shared subscriptions never
 messages, so each instance also reads the retained state once at start with a second,
 non-shared connection that takes only retained messages and closes when they stop coming.
 
-Refresh (:meth:`Ingest.refresh`): a snapshot request to the car, then a wait until a verified
-message of that vehicle is stored after it -- by this instance or, in a share group, by another
-one (the store is shared; it is looked at a few times a second).
+Refresh (:meth:`Ingest.refresh`): a snapshot request to the car (:mod:`agent.cloud.snapshot`;
+response topic ``<prefix>/<vid>/snapshot/<instance name>``), then a wait until a verified message
+of that vehicle is stored after it. In a share group the broker may hand the answer to another
+instance: that one stores it in the shared database, which the waiting instance looks at a few
+times a second, so no instance needs a subscription of its own.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import threading
 import time
 from typing import Any, Callable
 
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.enums import MQTTErrorCode
 
 from agent.cloud.config import CloudConfig
 from agent.cloud.metrics import ServeMetrics, reason_label
+from agent.cloud.snapshot import make_request, publish_request
 from agent.cloud.store import Store
 from agent.cloud.watch import CloudWatcher
 
@@ -162,11 +164,11 @@ class Ingest:
                 self._changed.wait(min(0.2, remaining))
 
     def _request_snapshot(self, vid: str) -> bool:
-        prefix = self.config.topic_prefix
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = f"{prefix}/{vid}/snapshot/{self.name}"
-        props.CorrelationData = secrets.token_bytes(16)
-        return self.watcher.publish(f"{prefix}/{vid}/cmd/snapshot", b"", qos=1, properties=props)
+        client = self.watcher.client_if_connected()
+        if client is None:
+            return False
+        info = publish_request(client, make_request(self.config.topic_prefix, vid, self.name))
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     # ------------------------------------------------------------------ callbacks
 

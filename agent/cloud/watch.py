@@ -108,14 +108,11 @@ class CloudWatcher:
         if thread is not None:
             thread.join(timeout)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1,
-                properties: Properties | None = None) -> bool:
-        """Publish with this watcher's connection (thread-safe); False while not connected."""
+    def client_if_connected(self) -> mqtt.Client | None:
+        """The paho client while connected and subscribed (to publish with; paho's publish is
+        thread-safe), else None."""
         client = self._client
-        if client is None or not self.connected.is_set():
-            return False
-        info = client.publish(topic, payload, qos=qos, properties=properties)
-        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+        return client if client is not None and self.connected.is_set() else None
 
     def __enter__(self) -> "CloudWatcher":
         return self.start()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.cloud.config import load_cloud_config
@@ -92,7 +93,8 @@ def sign(signer: Signer, c: dict[str, Any]) -> bytes:
 
 
 def fake_car(mqtt_client, signer, answers: bool):
-    """VIN1's client subscribed to its snapshot requests; answers each with a signed state."""
+    """VIN1's client subscribed to its snapshot requests; with ``answers``, each is answered
+    with a signed snapshot on the request's response topic, echoing its correlation data."""
     car = mqtt_client("VIN1")
     requests: list[Properties] = []
     subscribed = threading.Event()
@@ -101,9 +103,11 @@ def fake_car(mqtt_client, signer, answers: bool):
     def on_message(client, userdata, msg) -> None:
         requests.append(msg.properties)
         if answers:
-            client.publish("vehicles/VIN1/state",
-                           sign(signer, claims(next(seq), signals=dict(FULL, **{FUEL: 12.5}))),
-                           qos=1)
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = msg.properties.CorrelationData
+            token = sign(signer, claims(next(seq), kind="snapshot",
+                                        signals=dict(FULL, **{FUEL: 12.5})))
+            client.publish(msg.properties.ResponseTopic, token, qos=1, properties=props)
 
     car.client.on_message = on_message
     car.client.on_subscribe = lambda *args: subscribed.set()
