@@ -7,15 +7,25 @@ import json
 import signal
 import subprocess
 import sys
+import threading
+from urllib.parse import quote
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from agent.cloud.owners import add_owner
+from agent.cloud.api import create_app
+from agent.cloud.config import load_cloud_config
+from agent.cloud.metrics import ServeMetrics
+from agent.cloud.owners import OwnerDirectory, RateLimiter, add_owner
+from agent.cloud.store import open_store
 from agent.cloud.serve import Service
 from agent.dev.broker import DevBroker, free_port
+from agent.errors import ConfigError
 from agent.uplink.signing import Signer, b64url_decode, b64url_encode
 from support.serving import (DOOR, FUEL, FULL, LOCK, RANGE, WINDOW, claims, fake_car, get,
                              metric, serve_yaml, sign, start_service, wait_for)
@@ -315,3 +325,67 @@ def test_serve_refuses_plain_http_on_a_public_address(tmp_path, pki) -> None:
         "set http.cert and http.key (HTTPS), or http.insecure: true if TLS ends at a proxy in "
         "front"]
     assert not (tmp_path / "state.db").exists()
+
+
+# --------------------------------------------------------------------------- in-process fuzz
+
+
+@pytest.fixture(scope="module")
+def app_client(tmp_path_factory):
+    """The API app over a SQLite store holding VIN1 (no broker: refresh is never answered)."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    token = add_owner(folder / "owners.yaml", ["VIN1"])
+    store = open_store("sqlite:///state.db", folder)
+    store.apply({"vid": "VIN1", "kind": "state", "verified": True, "seq": 1, "boot": 1,
+                 "kid": "k", "stream": "", "ts": 1_764_000_000_000, "signals": FULL,
+                 "quality": {}})
+    metrics = ServeMetrics()
+    app = create_app(store, OwnerDirectory(folder / "owners.yaml"), RateLimiter(1e9, 10**9),
+                     metrics, refresh=lambda vid: False)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="off", http="h11"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, what="uvicorn listening")
+    port = server.servers[0].sockets[0].getsockname()[1]
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as client:
+        yield client, token, metrics
+    server.should_exit = True
+    thread.join(10)
+    store.close()
+
+
+_segment = st.one_of(st.sampled_from(["VIN1", "VIN2", "", ".", "..", "answer", "refresh"]),
+                     st.text(min_size=1, max_size=80))
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(vid=_segment, tail=st.sampled_from(["", "/answer", "/refresh", "/x"]),
+       lang=st.one_of(st.none(), st.text(max_size=20)),
+       method=st.sampled_from(["GET", "POST", "PUT", "HEAD"]),
+       auth=st.one_of(st.none(), st.just("good"),     # control characters cannot be sent
+                      st.text(st.characters(blacklist_categories=("Cc",)), max_size=60)))
+def test_fuzzed_requests_never_500(app_client, vid, tail, lang, method, auth) -> None:
+    client, token, metrics = app_client
+    headers = {}
+    if auth == "good":
+        headers["Authorization"] = f"Bearer {token}"
+    elif auth is not None:
+        headers["Authorization"] = auth.encode("utf-8", "replace")   # raw bytes on the wire
+    params = {} if lang is None else {"lang": lang}
+    r = client.request(method, f"/v1/vehicles/{quote(vid, safe='')}{tail}", params=params,
+                       headers=headers)
+    assert r.status_code < 500 or (r.status_code == 504 and tail == "/refresh"), \
+        (method, vid, tail, lang, auth, r.status_code, r.text[:200])
+    if r.status_code == 200:
+        assert vid == "VIN1" and auth == "good"
+
+
+def test_a_port_in_use_is_one_line(tmp_path, pki, broker, service) -> None:
+    config = serve_yaml(tmp_path / "second", pki, broker.port,
+                        http=f"listen: 127.0.0.1:{service.port}")
+    with pytest.raises(ConfigError) as err:
+        Service(load_cloud_config(config)).start()
+    assert str(err.value) == (f"{config}: http.listen: cannot listen on 127.0.0.1:"
+                              f"{service.port} (address already in use)")

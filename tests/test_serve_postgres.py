@@ -170,3 +170,38 @@ def test_a_write_waits_for_another_instance_holding_the_vehicle(tmp_path, postgr
     finally:
         first.close()
         second.close()
+
+
+def test_a_database_outage_is_503_and_counted_and_serve_recovers(tmp_path, pki, broker,
+                                                                 mqtt_client) -> None:
+    pg = PrivatePostgres().start()     # its own cluster: this test stops it
+    try:
+        url = pg.create_database("outage")
+        owners = tmp_path / "owners.yaml"
+        token = add_owner(owners, ["VIN1"])
+        signer = Signer.from_file(pki / "VIN1.signing.key")
+        car = mqtt_client("VIN1")
+        svc = start_service(serve_yaml(tmp_path / "serve", pki, broker.port, store=url,
+                                       owners=owners))
+        try:
+            car.publish("vehicles/VIN1/state", sign(signer, claims(1, signals=FULL)))
+            wait_for(lambda: svc.store.count() == 1, what="stored")
+            pg.halt()
+            r = get(svc, "/v1/vehicles/VIN1/answer", token)
+            assert (r.status_code, r.json()) == (503, {"detail": "service unavailable"})
+            assert get(svc, "/healthz").status_code == 503
+            car.publish("vehicles/VIN1/events", sign(signer, claims(2, kind="event",
+                                                                    signals={DOOR: True})))
+            wait_for(lambda: metric(svc, "car_agent_store_errors_total") == 1, what="counted")
+            assert svc.ingest.watcher.connected.is_set()
+            pg.resume()
+            wait_for(lambda: get(svc, "/v1/vehicles/VIN1/answer", token).status_code == 200,
+                     timeout=30, what="answers again")
+            car.publish("vehicles/VIN1/events", sign(signer, claims(3, kind="event",
+                                                                    signals={DOOR: True})))
+            wait_for(lambda: svc.store.count() == 2, timeout=30, what="stored again")
+            assert get(svc, "/v1/vehicles/VIN1/answer", token).json()["open"] == [DOOR]
+        finally:
+            svc.stop()
+    finally:
+        pg.stop()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,7 @@ class Service:
             lifespan="off", http="h11", h11_max_incomplete_event_size=16 * 1024))
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread: threading.Thread | None = None
+        self._http_error: str | None = None
         self.port = http.port
 
     def _health(self) -> dict[str, Any]:
@@ -78,20 +81,45 @@ class Service:
                 "retained_read": self.ingest.ready.is_set()}
 
     def start(self, timeout: float = 15.0) -> "Service":
+        try:
+            self._try_bind()
+        except ConfigError:
+            self.stop()
+            raise
         self.ingest.start()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()),
-                                        name="serve-http", daemon=True)
+        self._thread = threading.Thread(target=self._serve_http, name="serve-http", daemon=True)
         self._thread.start()
         if not _wait(lambda: self.server.started or not self._thread.is_alive(), timeout) \
                 or not self.server.started:
             self.stop()
+            why = self._http_error or "in use, or not an address of this host"
             raise ConfigError(f"{self.config.file}: http.listen: cannot listen on "
-                              f"{self.config.http.host}:{self.config.http.port} (in use, or "
-                              "not an address of this host)")
+                              f"{self.config.http.host}:{self.config.http.port} ({why})")
         sockets = [s for server in self.server.servers for s in server.sockets]
         if sockets:
             self.port = sockets[0].getsockname()[1]
         return self
+
+    def _try_bind(self) -> None:
+        """A port in use or a foreign address as one line, before uvicorn logs its own."""
+        http = self.config.http
+        try:
+            infos = socket.getaddrinfo(http.host, http.port, type=socket.SOCK_STREAM)
+            with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(infos[0][4])
+        except OSError as exc:
+            raise ConfigError(f"{self.config.file}: http.listen: cannot listen on "
+                              f"{http.host}:{http.port} ({(exc.strerror or str(exc)).lower()})"
+                              ) from None
+
+    def _serve_http(self) -> None:
+        try:
+            asyncio.run(self.server.serve())
+        except OSError as exc:   # bind failed: start() reports it as one line
+            self._http_error = exc.strerror or str(exc)
+        except SystemExit:      # uvicorn's own exit after logging why
+            self._http_error = None
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -108,13 +136,12 @@ class Service:
 
 
 def _wait(condition: Any, timeout: float) -> bool:
-    done = threading.Event()
-    deadline = timeout
+    """Look at ``condition()`` every 50 ms until it holds (True) or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
     while not condition():
-        if deadline <= 0:
+        if time.monotonic() > deadline:
             return False
-        done.wait(0.05)
-        deadline -= 0.05
+        time.sleep(0.05)
     return True
 
 

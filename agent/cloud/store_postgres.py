@@ -44,8 +44,10 @@ class PostgresStore(SqlStore):
         self.history = history
         self._where = _redacted(url)
         try:
+            # check: a connection cut by a database restart is replaced before use, not
+            # handed to a request that would fail on it.
             self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False,
-                                        timeout=10.0)
+                                        timeout=5.0, check=ConnectionPool.check_connection)
             self._pool.open(wait=True, timeout=10.0)
             with self.transaction() as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))

@@ -65,6 +65,10 @@ class PrivatePostgres:
             self.dir.chmod(0o755)
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-E", "UTF8",
                   "--no-sync", "-U", self.role)
+        return self.resume()
+
+    def resume(self) -> "PrivatePostgres":
+        """Start the server (again, after :meth:`halt`)."""
         try:
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w",
                       "-t", "60", "start", "-o",
@@ -82,11 +86,15 @@ class PrivatePostgres:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{self.role}@/{database}?host={self.socket_dir}"
 
+    def halt(self) -> None:
+        """Stop the server at once (connections cut), keeping its data."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
     def stop(self) -> None:
+        """Stop the server and remove everything."""
         if self.data.exists():
             try:
-                self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
-                          "-w", "stop")
+                self.halt()
             except RuntimeError:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
