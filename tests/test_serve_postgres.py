@@ -55,6 +55,7 @@ def test_two_instances_split_the_stream_store_each_message_once_and_agree(
         assert new == 82
         assert sum(metric(s, "car_agent_messages_stored_total", result="duplicate")
                    for s in services) >= 2      # the retained state, read by both
+        assert [metric(s, "car_agent_retained_read_total") for s in services] == [2, 2]
         # The broker split the live stream: each instance verified a share of it.
         events = [metric(s, "car_agent_messages_verified_total", kind="event") for s in services]
         assert sum(events) == 80 and min(events) > 0, events

@@ -109,6 +109,7 @@ class Ingest:
     def _handle_retained(self, record: dict[str, Any]) -> None:
         if record.get("retained"):
             self._last_retained = time.monotonic()
+            self.metrics.retained_read.inc()
             self.handle(record)
 
     def handle(self, record: dict[str, Any]) -> None:

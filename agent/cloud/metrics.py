@@ -56,6 +56,9 @@ class ServeMetrics:
                                 ["status"], registry=r)
         self.refreshes = Counter("car_agent_refresh", "Snapshot requests, by outcome",
                                  ["outcome"], registry=r)
+        self.retained_read = Counter("car_agent_retained_read", "Retained messages read at start "
+                                     "by the non-shared connection (share group only)",
+                                     registry=r)
         self.connected = Gauge("car_agent_broker_connected", "1 while subscribed to the broker",
                                registry=r)
 
