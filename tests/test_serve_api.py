@@ -25,8 +25,10 @@ from agent.cloud.owners import OwnerDirectory, RateLimiter, add_owner
 from agent.cloud.store import open_store
 from agent.cloud.serve import Service
 from agent.dev.broker import DevBroker, free_port
+from agent.dev.pki import init_pki, revoke
 from agent.errors import ConfigError
 from agent.uplink.signing import Signer, b64url_decode, b64url_encode
+from conftest import VehicleClient, require_mosquitto
 from support.serving import (DOOR, FUEL, FULL, LOCK, RANGE, WINDOW, claims, fake_car, get,
                              metric, serve_yaml, sign, start_service, wait_for)
 
@@ -389,3 +391,27 @@ def test_a_port_in_use_is_one_line(tmp_path, pki, broker, service) -> None:
         Service(load_cloud_config(config)).start()
     assert str(err.value) == (f"{config}: http.listen: cannot listen on 127.0.0.1:"
                               f"{service.port} (address already in use)")
+
+
+def test_a_revoked_signing_key_never_reaches_the_store(tmp_path, owners) -> None:
+    require_mosquitto()
+    pki = tmp_path / "pki"
+    init_pki(pki, ["VIN1"])
+    revoke(pki, "VIN1", "key-compromise")
+    # The broker does not know the CRL (VIN1 still connects): serve alone must refuse it.
+    with DevBroker(pki, tmp_path / "broker") as dev:
+        svc = start_service(serve_yaml(tmp_path / "serve", pki, dev.port, owners=owners[0],
+                                       extra=f"crl: {pki / 'crl.pem'}"))
+        car = VehicleClient(dev.port, pki / "ca.crt", pki / "VIN1.crt", pki / "VIN1.key", "car")
+        try:
+            signer = Signer.from_file(pki / "VIN1.signing.key")
+            assert not car.publish("vehicles/VIN1/state",
+                                   sign(signer, claims(1, signals=FULL))).is_failure
+            wait_for(lambda: metric(svc, "car_agent_messages_rejected_total",
+                                    reason="revoked") == 1, what="rejected as revoked")
+            assert svc.store.count() == 0
+            r = get(svc, "/v1/vehicles/VIN1/answer", owners[1])
+            assert (r.status_code, r.json()) == (404, {"detail": "no verified state for VIN1 yet"})
+        finally:
+            car.close()
+            svc.stop()

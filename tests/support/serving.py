@@ -40,8 +40,8 @@ def claims(seq: int, *, vid: str = "VIN1", kind: str = "state", ts: float | None
 
 def serve_yaml(folder: Path, pki: Path, port: int, *, store: str = "sqlite:///state.db",
                owners: Path | None = None, share_group: str | None = None,
-               http: str = "listen: 127.0.0.1:0", name: str = "cloud") -> Path:
-    """A serve config in ``folder`` for the broker on ``port``."""
+               http: str = "listen: 127.0.0.1:0", name: str = "cloud", extra: str = "") -> Path:
+    """A serve config in ``folder`` for the broker on ``port``; ``extra``: more lines."""
     lines = ["mqtt:", "  host: 127.0.0.1", f"  port: {port}", f"  ca: {pki / 'ca.crt'}",
              f"  cert: {pki / 'cloud.crt'}", f"  key: {pki / 'cloud.key'}",
              "  reconnect_min_s: 0.1", "  reconnect_max_s: 0.5"]
@@ -51,6 +51,8 @@ def serve_yaml(folder: Path, pki: Path, port: int, *, store: str = "sqlite:///st
               "http: {" + http + "}"]
     if owners is not None:
         lines.append(f"owners: {owners}")
+    if extra:
+        lines.append(extra)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
