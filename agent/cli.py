@@ -131,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=_positive_float, help="exit after this many seconds")
     p.set_defaults(func=cmd_watch)
 
+    p = sub.add_parser("status", help="cloud side: how far the car can go and what is open, "
+                                      "from verified data (refreshed on request)")
+    p.add_argument("vehicle_id", metavar="VEHICLE_ID")
+    p.add_argument("--config", required=True, type=Path, help="cloud config (as for watch)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.add_argument("--lang", choices=("en", "zh"), default="en", help="language (default en)")
+    p.add_argument("--max-age", type=_non_negative_float, default=300.0, metavar="S",
+                   help="ask the car for a snapshot when the state is older (default 300)")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("serve", help="cloud side: the owner's service (ingest, store, HTTP API)")
     p.add_argument("--config", required=True, type=Path,
                    help="cloud config (YAML: as for watch, plus store, http, owners, "
@@ -147,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a vehicle the owner may read; repeat for several")
     q.set_defaults(func=cmd_owner_add)
     return parser
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive number, got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -197,6 +217,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     else:
         print(f"  uplink: mqtts://{config.mqtt.host}:{config.mqtt.port} "
               f"topics {config.mqtt.topic_prefix}/{config.vehicle_id}/...")
+        cmd = config.cmd
+        print(f"  snapshot requests: {config.mqtt.topic_prefix}/{config.vehicle_id}/cmd/snapshot, "
+              f"{cmd.snapshot_rate:g}/s, burst {cmd.snapshot_burst}" if cmd.enabled
+              else "  snapshot requests: off (cmd.enabled: false)")
     return 0
 
 
@@ -321,6 +345,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return watch_main(args.config, json_lines=args.json, count=args.count,
                       duration=args.duration)
 
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.cloud.status import status_main
+
+    return status_main(args.config, args.vehicle_id, json_out=args.json, lang=args.lang,
+                       max_age=args.max_age)
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from agent.cloud.serve import serve_main

@@ -21,7 +21,7 @@ from pathlib import Path
 import can
 import paho.mqtt.client as mqtt
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -315,6 +315,25 @@ def test_cmd_config_defaults_and_keys(tmp_path):
         (False, 2.0, 10)
 
 
+def test_check_config_says_whether_requests_are_answered(tmp_path, pki):
+    import subprocess
+    import sys
+
+    from coredata import REPO
+
+    mqtt_yaml = (f"mqtt: {{host: 127.0.0.1, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'}, "
+                 f"key: {pki / 'VIN1.key'}}}\n")
+    for extra, line in (("", "  snapshot requests: vehicles/VIN1/cmd/snapshot, 0.5/s, burst 3"),
+                        ("cmd: {enabled: false}\n", "  snapshot requests: off (cmd.enabled: false)"),
+                        ("cmd: {snapshot_rate: 2, snapshot_burst: 7}\n",
+                         "  snapshot requests: vehicles/VIN1/cmd/snapshot, 2/s, burst 7")):
+        result = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config",
+                                 str(_agent_yaml(tmp_path, mqtt_yaml + extra))],
+                                capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1] == line
+
+
 @pytest.mark.parametrize("text, words", [
     ("cmd: {snapshot_rate: 0}", "cmd.snapshot_rate"),
     ("cmd: {snapshot_burst: 0}", "cmd.snapshot_burst"),
@@ -325,6 +344,47 @@ def test_cmd_config_errors_name_the_key(tmp_path, text, words):
     with pytest.raises(ConfigError) as info:
         load_config(_agent_yaml(tmp_path, text + "\n"))
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_daemon_answers_through_the_outbox_and_survives_a_full_disk(tmp_path, pki, monkeypatch):
+    """The loop's side, without a broker: a queued request becomes a signed snapshot entry with
+    the response topic and correlation data; a store error is counted, not raised."""
+    from agent.dev.broker import free_port
+    from agent.service.daemon import Agent
+
+    capture = tmp_path / "empty.log"
+    capture.write_text("")
+    config = _agent_yaml(tmp_path, f"""\
+can: {{capture: {capture}}}
+signing: {{key: {pki / 'VIN1.signing.key'}}}
+mqtt: {{host: 127.0.0.1, port: {free_port()}, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'},
+        key: {pki / 'VIN1.key'}}}
+store: {{path: {tmp_path / 'outbox.db'}}}
+""")
+    for key in ("VIN1.signing.key", "VIN1.key"):
+        (pki / key).chmod(0o600)
+    agent = Agent(config)
+    try:
+        requests = agent.uplink.requests
+        assert requests.offer(TOPIC, b"", props("vehicles/VIN1/snapshot/r7", b"\x07")) is None
+        agent._answer_requests(1_764_000_000.0)
+        [entry] = agent.outbox.pending(10)
+        assert (entry.topic, entry.kind, entry.retain, entry.correlation) == \
+            ("vehicles/VIN1/snapshot/r7", "snapshot", False, b"\x07")
+        _, claims = Verifier.from_jwks_file(pki / "jwks.json").verify(entry.payload.decode())
+        assert (claims["kind"], claims["seq"], claims["vid"]) == ("snapshot", entry.seq, "VIN1")
+        assert set(claims["signals"]) == set(agent.decoder.paths)
+        assert requests.counters.answered == 1
+
+        def disk_full(*args, **kwargs):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(agent.outbox, "add", disk_full)
+        assert requests.offer(TOPIC, b"", props("vehicles/VIN1/snapshot/r8", b"\x08")) is None
+        agent._answer_requests(1_764_000_001.0)
+        assert (agent.store_errors, requests.counters.answered, requests.waiting) == (1, 1, False)
+    finally:
+        agent.outbox.close()
 
 
 # --------------------------------------------------------------------------- through mosquitto
@@ -353,6 +413,8 @@ logging: {{stats_interval_s: 1}}
         self.bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
         self.result = None
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self._sending = threading.Event()
+        self._sender: threading.Thread | None = None
 
     def _run(self) -> None:
         self.result = self.agent.run()
@@ -362,10 +424,20 @@ logging: {{stats_interval_s: 1}}
         assert self.agent.uplink.connected.wait(15), self.agent.uplink.last_error
         return self
 
-    def send(self, can_id: int, data: bytes) -> None:
-        self.bus.send(can.Message(arbitration_id=can_id, data=data, is_extended_id=False))
+    def keep_sending(self, frames: dict[int, bytes], period: float = 0.05) -> None:
+        """Send these frames every ``period`` s, as ECUs do (signals go stale otherwise)."""
+        def send() -> None:
+            while not self._sending.wait(period):
+                for can_id, data in frames.items():
+                    self.bus.send(can.Message(arbitration_id=can_id, data=data,
+                                              is_extended_id=False))
+        self._sender = threading.Thread(target=send, daemon=True)
+        self._sender.start()
 
     def __exit__(self, *exc) -> None:
+        self._sending.set()
+        if self._sender is not None:
+            self._sender.join(5)
         self.agent.request_stop()
         self.thread.join(30)
         self.bus.shutdown()
@@ -440,8 +512,8 @@ def cloud(cloud_config):
 def test_request_is_answered_with_a_signed_snapshot_echoing_the_correlation_data(
         tmp_path, pki, broker, cloud):
     with RunningAgent(tmp_path, pki, broker.port) as car:
-        car.send(CLUSTER_ID, cluster_payload(fuel=100, range_km=512, litres=300))   # 40 %
-        car.send(BODY_ID, body_payload(doors=(OPEN, 0, 0, 0), locks=(1, 1, 1, 1)))
+        car.keep_sending({CLUSTER_ID: cluster_payload(fuel=100, range_km=512, litres=300),  # 40 %
+                          BODY_ID: body_payload(doors=(OPEN, 0, 0, 0), locks=(1, 1, 1, 1))})
         assert _wait(lambda: car.agent.pipeline.state.snapshot(time.time())[RANGE]["value"]
                      == 512_000)
         asker = cloud("vehicles/VIN1/snapshot/+")
@@ -575,3 +647,56 @@ def _cloud_yaml(pki: Path, port: int, name: str) -> Path:
                     f"cert: {pki / f'{name}.crt'}, key: {pki / f'{name}.key'}}}\n"
                     f"trust: {pki / 'jwks.json'}\n")
     return path
+
+
+# What mosquitto lets through: UTF-8 without NUL, control characters or non-characters (it
+# disconnects a client that sends them: the unit fuzz above covers those), no wildcards.
+_MQTT_TEXT = st.characters(blacklist_characters="+#", blacklist_categories=("Cc", "Cs", "Cn"))
+_LIVE_RESPONSES = st.one_of(
+    st.sampled_from(["vehicles/VIN1/snapshot", "vehicles/VIN1/snapshot/r1", "vehicles/VIN2/snapshot",
+                     "vehicles/VIN1/state", "vehicles/VIN1/cmd/snapshot", "x", "vehicles/VIN1/"]),
+    st.builds(lambda s: "vehicles/VIN1/snapshot/" + s,
+              st.text(alphabet=_MQTT_TEXT, max_size=70)))
+
+
+@pytest.mark.mqtt
+@settings(max_examples=6, deadline=None, derandomize=True, database=None,
+          phases=(Phase.explicit, Phase.generate),   # no shrinking against a live broker
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(batch=st.lists(st.tuples(
+    st.none() | _LIVE_RESPONSES,
+    st.none() | st.binary(max_size=100),
+    st.binary(max_size=1500) | st.sampled_from([b"", b"{}", b'{"a": [1, 2]}', b"null"]),
+    st.lists(st.tuples(st.text(alphabet=_MQTT_TEXT, max_size=20),
+                       st.text(alphabet=_MQTT_TEXT, max_size=300)), max_size=3)),
+    min_size=1, max_size=12))
+def test_fuzz_live_requests_never_disturb_the_agent(live, batch):
+    """Hostile requests through mosquitto: the agent answers exactly the good ones, counts every
+    request, and still answers the next good one."""
+    car, asker = live
+    expected = SnapshotRequests("vehicles", "VIN1", 1000.0, 1000)   # same checks, no rate limit
+    counters = car.agent.uplink.requests.counters
+    received, answered = counters.received, counters.answered
+    before = len(asker.messages)
+    good = 0
+    for response, correlation, payload, user in batch:
+        p = props(response, correlation, user)
+        if expected.offer(TOPIC, payload, p) is None:
+            good += 1
+        assert not asker.publish(TOPIC, payload, p).is_failure
+    marker = uuid.uuid4().bytes
+    assert not asker.publish(TOPIC, b"", props("vehicles/VIN1/snapshot/end", marker)).is_failure
+    assert asker.wait_for(lambda: any(m[2] == marker for m in asker.messages))
+    answers = asker.messages[before:]
+    assert len(answers) == good + 1
+    assert all(m[3]["verified"] and m[3]["kind"] == "snapshot" for m in answers)
+    assert counters.received - received == len(batch) + 1
+    assert counters.answered - answered == good + 1
+    assert car.thread.is_alive()
+
+
+@pytest.fixture
+def live(tmp_path, pki, broker, cloud):
+    with RunningAgent(tmp_path, pki, broker.port,
+                      "cmd: {snapshot_rate: 1000, snapshot_burst: 100}") as car:
+        yield car, cloud("vehicles/+/snapshot/+", "vehicles/+/snapshot", "vehicles/+/state")
