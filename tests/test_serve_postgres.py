@@ -174,7 +174,7 @@ def test_a_write_waits_for_another_instance_holding_the_vehicle(tmp_path, postgr
 
 
 def test_a_database_outage_is_503_and_counted_and_serve_recovers(tmp_path, pki, broker,
-                                                                 mqtt_client) -> None:
+                                                                 mqtt_client, caplog) -> None:
     pg = PrivatePostgres().start()     # its own cluster: this test stops it
     try:
         url = pg.create_database("outage")
@@ -202,6 +202,10 @@ def test_a_database_outage_is_503_and_counted_and_serve_recovers(tmp_path, pki, 
                                                                     signals={DOOR: True})))
             wait_for(lambda: svc.store.count() == 2, timeout=30, what="stored again")
             assert get(svc, "/v1/vehicles/VIN1/answer", token).json()["open"] == [DOOR]
+            # Logged as one line each, no traceback.
+            assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+            assert any(r.getMessage().startswith("GET /v1/vehicles/VIN1/answer failed: ")
+                       for r in caplog.records)
         finally:
             svc.stop()
     finally:

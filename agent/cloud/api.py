@@ -62,8 +62,12 @@ class _Front:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def counting_send(message: dict) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.requests.labels(str(message["status"])).inc()
             await send(message)
 
@@ -73,7 +77,12 @@ class _Front:
             await JSONResponse({"detail": "request headers too large"}, status_code=431)(
                 scope, receive, counting_send)
             return
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:  # noqa: BLE001 - answered (503) and logged in one line by the app's
+            if not started:  # handler; Starlette re-raises it for a traceback we do not want
+                await JSONResponse({"detail": "service unavailable"}, status_code=503)(
+                    scope, receive, counting_send)
 
 
 def create_app(store: Store, owners: OwnerDirectory, limiter: RateLimiter,

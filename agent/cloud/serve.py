@@ -67,7 +67,9 @@ class Service:
                          healthy=self._health)
         http = config.http
         self.server = uvicorn.Server(uvicorn.Config(
+            # log_config=None: uvicorn's lines go through our logging (format, journald).
             app, host=http.host, port=http.port, log_level="warning", access_log=False,
+            log_config=None,
             ssl_certfile=str(http.cert) if http.cert else None,
             ssl_keyfile=str(http.key) if http.key else None,
             lifespan="off", http="h11", h11_max_incomplete_event_size=16 * 1024))
@@ -153,6 +155,9 @@ def serve_main(config_path: str | Path) -> int:
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         service.start()
+        if config.owners is None:
+            log.warning("%s: no owners file (owners:): every /v1 request is refused (401); add "
+                        "one with car-agent owner add", config.file)
         log.info("serving %s (store %s, owners %s)%s", service.url,
                     config.store.url.split("@")[-1], config.owners,
                     f", share group {config.share_group}" if config.share_group else "")
