@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -416,3 +417,21 @@ def test_a_revoked_signing_key_never_reaches_the_store(tmp_path, owners) -> None
         finally:
             car.close()
             svc.stop()
+
+
+def test_https_with_http_cert_and_key(tmp_path, pki, broker, owners) -> None:
+    """The dev PKI's broker certificate (SAN 127.0.0.1) serves as the API's certificate here."""
+    svc = start_service(serve_yaml(tmp_path / "serve", pki, broker.port, owners=owners[0],
+                                   http=f"listen: '0.0.0.0:0', cert: {pki / 'broker.crt'}, "
+                                        f"key: {pki / 'broker.key'}"))
+    try:
+        assert svc.url.startswith("https://0.0.0.0:")
+        url = f"https://127.0.0.1:{svc.port}"
+        r = httpx.get(f"{url}/v1/vehicles/VIN1/answer",
+                      headers={"Authorization": f"Bearer {owners[1]}"},
+                      verify=ssl.create_default_context(cafile=str(pki / "ca.crt")), timeout=20)
+        assert (r.status_code, r.json()) == (404, {"detail": "no verified state for VIN1 yet"})
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{svc.port}/healthz", timeout=20)    # no plain HTTP
+    finally:
+        svc.stop()
