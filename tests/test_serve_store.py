@@ -306,3 +306,13 @@ def test_rejection_reasons_become_few_labels() -> None:
         == ["bad_signature", "unknown_kid", "duplicate", "revoked", "wrong_vehicle", "malformed",
             "too_large", "topic", "bad_claims", "other"]
 
+
+
+def test_a_bad_https_certificate_is_one_line(tmp_path: Path, pki: Path) -> None:
+    (tmp_path / "s.crt").write_text("not a certificate")
+    config = load_cloud_config(write(tmp_path, f"http: {{listen: '0.0.0.0:8443', cert: s.crt, "
+                                               f"key: {pki / 'broker.key'}}}\n"))
+    with pytest.raises(ConfigError) as err:
+        check_listen(config)
+    assert str(err.value).startswith(f"{tmp_path / 'cloud.yaml'}: http.cert/key: ")
+    assert "cannot load the certificate and key" in str(err.value) and "\n" not in str(err.value)

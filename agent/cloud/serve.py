@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from agent.cloud.metrics import ServeMetrics
 from agent.cloud.owners import OwnerDirectory, RateLimiter
 from agent.cloud.store import Store, open_store
 from agent.errors import ConfigError
+from agent.uplink.tlsdiag import _short
 
 log = logging.getLogger("car_agent.serve")
 
@@ -43,6 +45,14 @@ def check_listen(config: CloudConfig) -> None:
     for name, path in (("cert", http.cert), ("key", http.key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"{config.file}: http.{name}: {path}: file not found")
+    if http.cert is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(http.cert,
+                                                                               http.key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"{config.file}: http.cert/key: {http.cert}, {http.key}: cannot "
+                              f"load the certificate and key, or they do not match "
+                              f"({_short(exc)})") from None
 
 
 class Service:
