@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from urllib.parse import quote
 from pathlib import Path
 from typing import Iterator
@@ -435,3 +436,25 @@ def test_https_with_http_cert_and_key(tmp_path, pki, broker, owners) -> None:
             httpx.get(f"http://127.0.0.1:{svc.port}/healthz", timeout=20)    # no plain HTTP
     finally:
         svc.stop()
+
+
+def test_a_real_agent_answers_the_owner_s_refresh(tmp_path, pki, broker, service, owners) -> None:
+    """The whole chain: CAN frames -> the real agent -> signed snapshot on serve's response
+    topic -> store -> the owner's answer over HTTP."""
+    from coredata import BODY_ID, CLUSTER_ID, OPEN, body_payload, cluster_payload
+    from test_snapshot import RunningAgent
+
+    (tmp_path / "car").mkdir()
+    with RunningAgent(tmp_path / "car", pki, broker.port) as car:
+        car.keep_sending({CLUSTER_ID: cluster_payload(fuel=100, range_km=512, litres=300),
+                          BODY_ID: body_payload(doors=(OPEN, 0, 0, 0), locks=(1, 1, 1, 1))})
+        wait_for(lambda: car.agent.pipeline.state.snapshot(time.time())[RANGE]["value"]
+                 == 512_000, what="the agent decoding")
+        r = get(service, "/v1/vehicles/VIN1/refresh", owners[1], method="POST")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["range_m"], body["fuel_pct"], body["open"]) == \
+            (512_000, 40.0, ["Vehicle.Cabin.Door.Row1.DriverSide.IsOpen"])
+        [snapshot] = [m for m in service.store.messages("VIN1") if m["kind"] == "snapshot"]
+        assert body["source"]["seq"] == snapshot["seq"]
+        assert metric(service, "car_agent_messages_verified_total", kind="snapshot") == 1
