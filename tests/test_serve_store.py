@@ -302,9 +302,10 @@ def test_rejection_reasons_become_few_labels() -> None:
         "bad signature", "unknown kid", "duplicate seq 3", "signing key revoked (certificate "
         "serial 0x1F)", "vid claim 'VIN2' does not match the topic's vehicle 'VIN1'",
         "malformed: payload is not UTF-8 (byte 0)", "payload too large (9 bytes, limit 1)",
-        "unexpected topic: unknown leaf 'x'", "bad claims: 'seq' missing", "something new")] \
+        "unexpected topic: unknown leaf 'x'", "bad claims: 'seq' missing",
+        "implausible ts 2019-01-01T00:00:00.000Z: before 2020-01-01", "something new")] \
         == ["bad_signature", "unknown_kid", "duplicate", "revoked", "wrong_vehicle", "malformed",
-            "too_large", "topic", "bad_claims", "other"]
+            "too_large", "topic", "bad_claims", "implausible_ts", "other"]
 
 
 

@@ -24,6 +24,7 @@ _REASONS = (
     ("bad_claims", ("bad claims",)),
     ("alg", ("unsupported alg", "alg mismatch")),
     ("too_large", ("too large",)),
+    ("implausible_ts", ("implausible ts",)),
     ("topic", ("unexpected topic", "topic is not")),
     ("malformed", ("malformed", "empty payload")),
 )
