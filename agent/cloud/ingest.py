@@ -37,7 +37,7 @@ log = logging.getLogger("car_agent.serve")
 
 #: The retained read ends after this long without a retained message (after the SUBACK) ...
 RETAINED_QUIET_S = 1.0
-#: ... or after this long in all.
+#: ... or after this long after the SUBACK in all.
 RETAINED_MAX_S = 30.0
 
 
@@ -89,12 +89,13 @@ class Ingest:
         reader = self._retained
         assert reader is not None
         reader.start()
-        started = time.monotonic()
         try:
+            # However long the broker takes to be reachable: the retained state is the only
+            # copy of a parked car's last state.
             while not reader.connected.wait(0.2):
-                if time.monotonic() - started > RETAINED_MAX_S or self._stopping.is_set():
+                if self._stopping.is_set():
                     return
-            self._last_retained = time.monotonic()
+            started = self._last_retained = time.monotonic()
             while time.monotonic() - started < RETAINED_MAX_S:
                 quiet = time.monotonic() - self._last_retained
                 if quiet >= RETAINED_QUIET_S:
