@@ -166,7 +166,7 @@ def create_app(store: Store, owners: OwnerDirectory, limiter: RateLimiter,
     def healthz() -> Any:
         body = {"status": "ok", **(healthy() if healthy else {})}
         try:
-            store.last_id("")
+            store.ping()
         except Exception as exc:  # noqa: BLE001
             body.update(status="store unavailable", store=type(exc).__name__)
             return JSONResponse(body, status_code=503)

@@ -65,6 +65,10 @@ class Store(ABC):
         """Stored messages, all vehicles."""
 
     @abstractmethod
+    def ping(self) -> None:
+        """Raise if the store cannot answer now (health checks)."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
 
@@ -171,6 +175,10 @@ class SqlStore(Store):
     def count(self) -> int:
         with self.transaction() as cur:
             return int(self._run(cur, "SELECT count(*) FROM messages").fetchone()[0])
+
+    def ping(self) -> None:
+        with self.transaction() as cur:
+            self._run(cur, "SELECT 1").fetchone()
 
 
 def _dump(value: Any) -> str:
