@@ -140,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-age", type=_non_negative_float, default=300.0, metavar="S",
                    help="ask the car for a snapshot when the state is older (default 300)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("serve", help="cloud side: the owner's service (ingest, store, HTTP API)")
+    p.add_argument("--config", required=True, type=Path,
+                   help="cloud config (YAML: as for watch, plus store, http, owners, "
+                        "mqtt.share_group)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("owner", help="cloud side: owners' tokens for serve")
+    owner_sub = p.add_subparsers(dest="owner_command", metavar="SUBCOMMAND", required=True)
+    q = owner_sub.add_parser("add", help="create a token for an owner of VID(s); print it "
+                                         "(only its SHA-256 is stored)")
+    q.add_argument("owners_file", type=Path, metavar="OWNERS_FILE",
+                   help="owners file (YAML; created if missing)")
+    q.add_argument("--vehicle", action="append", required=True, metavar="VID",
+                   help="a vehicle the owner may read; repeat for several")
+    q.set_defaults(func=cmd_owner_add)
     return parser
 
 
@@ -351,6 +367,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     return status_main(args.config, args.vehicle_id, json_out=args.json, lang=args.lang,
                        max_age=args.max_age)
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from agent.cloud.serve import serve_main
+
+    return serve_main(args.config)
+
+
+def cmd_owner_add(args: argparse.Namespace) -> int:
+    from agent.cloud.owners import add_owner
+
+    token = add_owner(args.owners_file, args.vehicle)
+    print(token)
+    print(f"owner add: {args.owners_file}: a new owner of {', '.join(args.vehicle)}; the token "
+          "above is shown once and not stored (only its SHA-256)", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

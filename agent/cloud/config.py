@@ -12,12 +12,30 @@ Keys (relative paths are relative to the config file)::
       topic_prefix: vehicles  # optional, default "vehicles"
     trust: pki/jwks.json      # JWK Set of the vehicles' signing keys
     crl: pki/crl.pem          # optional: CRL of the CA in mqtt.ca (see agent.cloud.revocation)
+
+``serve`` only (``watch`` and ``status`` ignore them)::
+
+    mqtt:
+      share_group: serve      # optional: subscribe via $share/<name>/... (several instances)
+    store:
+      url: sqlite:///state.db # default; sqlite:////abs/path, or postgresql://...
+      history: 1000           # verified messages kept per vehicle (the newest)
+    http:
+      listen: 127.0.0.1:8080  # HOST:PORT ([::1]:8080 for IPv6)
+      cert: tls/server.crt    # HTTPS; required for a non-loopback host ...
+      key: tls/server.key
+      insecure: false         # ... unless this is true (TLS ends at a proxy)
+      rate: 5                 # requests per second per token (sustained) ...
+      burst: 20               # ... and in a burst
+    owners: owners.yaml       # tokens' SHA-256 and their vehicles (car-agent owner add)
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import KeyFileError
@@ -28,6 +46,30 @@ from agent.uplink.tlsdiag import (
 )
 
 # --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str                    # as written (sqlite:///... or postgresql://...)
+    history: int = 1000
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cert: Path | None = None
+    key: Path | None = None
+    insecure: bool = False
+    rate: float = 5.0
+    burst: int = 20
+
+    @property
+    def loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
 
 
 @dataclass(frozen=True)
@@ -46,22 +88,72 @@ class CloudConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     crl: Path | None = None
+    share_group: str | None = None
+    store: StoreConfig = field(default_factory=lambda: StoreConfig("sqlite:///state.db"))
+    http: HttpConfig = field(default_factory=HttpConfig)
+    owners: Path | None = None
+
+
+_SHARE_GROUP = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _parse_listen(section: Section, key: str) -> tuple[str, int]:
+    text = section.text(key, "127.0.0.1:8080")
+    assert text is not None
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise section.error(key, f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8080 or [::1]:8080)")
+    return host, int(port)
+
+
+def _store(top: Section) -> StoreConfig:
+    s = top.section("store")
+    if s is None:
+        return StoreConfig(url="sqlite:///state.db")
+    s.reject_unknown(("url", "history"))
+    url = s.text("url", "sqlite:///state.db")
+    assert url is not None
+    if not (url.startswith("sqlite:///") or url.startswith(("postgresql://", "postgres://"))):
+        raise s.error("url", f"{url[:60]!r}: expected sqlite:///PATH or postgresql://...")
+    return StoreConfig(url=url, history=s.integer("history", 1000, minimum=1, maximum=1_000_000))
+
+
+def _http(top: Section) -> HttpConfig:
+    h = top.section("http")
+    if h is None:
+        return HttpConfig()
+    h.reject_unknown(("listen", "cert", "key", "insecure", "rate", "burst"))
+    host, port = _parse_listen(h, "listen")
+    cert, key = h.path_value("cert"), h.path_value("key")
+    if (cert is None) != (key is None):
+        raise h.error("cert" if cert is None else "key", "missing (http.cert and http.key go "
+                                                         "together)")
+    return HttpConfig(host=host, port=port, cert=cert, key=key,
+                      insecure=bool(h.get("insecure", bool, False)),
+                      rate=float(h.number("rate", 5.0, minimum=0.01)),
+                      burst=h.integer("burst", 20, minimum=1, maximum=100_000))
 
 
 def load_cloud_config(path: str | Path) -> CloudConfig:
     """Load and validate a cloud config; errors are one-line ConfigErrors naming file and key."""
     file = Path(path)
     top = Section(load_yaml(file, "cloud config"), file)
-    top.reject_unknown(("mqtt", "trust", "crl"))
+    top.reject_unknown(("mqtt", "trust", "crl", "store", "http", "owners"))
     m = top.section("mqtt", required=True)
     assert m is not None
     m.reject_unknown(("host", "port", "ca", "cert", "key", "topic_prefix", "keepalive_s",
-                      "reconnect_min_s", "reconnect_max_s"))
+                      "reconnect_min_s", "reconnect_max_s", "share_group"))
     prefix = m.text("topic_prefix", "vehicles")
     assert prefix is not None
     if any(c in prefix for c in "+#\x00") or prefix.startswith("/") or prefix.endswith("/"):
         raise m.error("topic_prefix", f"{prefix!r} must not contain + # or NUL, "
                                       "nor start or end with /")
+    share_group = m.text("share_group")
+    if share_group is not None and not _SHARE_GROUP.fullmatch(share_group):
+        raise m.error("share_group", f"{share_group[:70]!r}: expected 1-64 characters of "
+                                     "A-Z a-z 0-9 _ -")
     reconnect_min = m.number("reconnect_min_s", 0.5, minimum=0.05)
     reconnect_max = m.number("reconnect_max_s", 30.0, minimum=reconnect_min)
     return CloudConfig(
@@ -77,6 +169,10 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
         reconnect_min_s=float(reconnect_min),
         reconnect_max_s=float(reconnect_max),
         crl=top.path_value("crl"),
+        share_group=share_group,
+        store=_store(top),
+        http=_http(top),
+        owners=top.path_value("owners"),
     )
 
 

@@ -69,6 +69,7 @@ class CloudWatcher:
         on_connect: Callable[[str], None] | None = None,
         client_id: str | None = None,
         tracker: SeqTracker | None = None,
+        topic_filter: str | None = None,
     ) -> None:
         self.config = config
         self.on_message = on_message
@@ -77,7 +78,7 @@ class CloudWatcher:
         self.client_id = client_id or f"cloud-watch-{secrets.token_hex(6)}"
         self.checker = checker_for(config, tracker, on_problem=self._crl_problem)
         self.ssl_context = make_ssl_context(config)
-        self.topic_filter = f"{config.topic_prefix}/+/#"
+        self.topic_filter = topic_filter or f"{config.topic_prefix}/+/#"
         self.connected = threading.Event()
         self.ever_connected = threading.Event()
         self.last_problem: str | None = None
@@ -105,6 +106,12 @@ class CloudWatcher:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
+
+    def client_if_connected(self) -> mqtt.Client | None:
+        """The paho client while connected and subscribed (to publish with; paho's publish is
+        thread-safe), else None."""
+        client = self._client
+        return client if client is not None and self.connected.is_set() else None
 
     def __enter__(self) -> "CloudWatcher":
         return self.start()
