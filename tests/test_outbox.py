@@ -349,7 +349,9 @@ def test_kill9_loses_nothing_committed(tmp_path):
             assert ob.boot == 2 * round_no + 2
             present = set(seqs(ob))
             stats = ob.stats()
-            assert set(added) - deleted <= present, "a committed entry was lost"
+            # The child may be killed between deleting the last entry and printing "del".
+            unprinted = {added[-1]} if added[-1] % 5 == 0 else set()
+            assert set(added) - deleted - unprinted <= present, "a committed entry was lost"
             assert not deleted & present
             assert stats.next_seq > max(added)
             # no seq skipped: every allocated seq is either queued or was delivered (seq % 5 == 0)
