@@ -69,6 +69,30 @@ def running_broker(dev: DevBroker, request: pytest.FixtureRequest) -> Iterator[D
             request.node.add_report_section("teardown", "mosquitto log", dev.log_text()[-20000:])
 
 
+@pytest.fixture
+def broker_factory(tmp_path_factory: pytest.TempPathFactory,
+                   request: pytest.FixtureRequest) -> Iterator[Callable[..., DevBroker]]:
+    """Factory: ``broker_factory(pki_dir, extra_conf=..., host=...)`` is a started DevBroker
+    on another PKI (e.g. a private one with a ``crlfile``); all are stopped after the test."""
+    started: list[DevBroker] = []
+
+    def make(pki_dir: Path, *, extra_conf: str = "", host: str = "127.0.0.1") -> DevBroker:
+        require_mosquitto()
+        dev = DevBroker(pki_dir, tmp_path_factory.mktemp("broker"), extra_conf=extra_conf,
+                        host=host)
+        dev.start()
+        started.append(dev)
+        return dev
+
+    yield make
+    report = getattr(request.node, "rep_call", None)
+    for dev in started:
+        dev.stop()
+        if report is not None and report.failed:
+            request.node.add_report_section("teardown", f"mosquitto log ({dev.workdir.name})",
+                                            dev.log_text()[-20000:])
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     outcome = yield
