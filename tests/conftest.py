@@ -1,7 +1,9 @@
 """Shared fixtures: a development PKI, a real mosquitto with mTLS, cloud configs for it.
 
 ``broker`` skips when mosquitto is not installed, except in CI (``CI=true``), where a
-missing broker is a failure: the integration tests must not silently vanish there.
+missing broker is a failure: the integration tests must not silently vanish there. With
+``CI=true`` Hypothesis runs the derandomized ``ci`` profile. Helpers that are not fixtures
+live in ``tests/support``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Callable, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import settings
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -21,6 +24,13 @@ from agent.dev.broker import DevBroker, find_mosquitto
 from agent.dev.pki import init_pki
 
 VEHICLES = ["VIN1", "VIN2"]
+
+# In CI every Hypothesis test is derandomized (the same examples every run, no example
+# database), so a failure there reproduces with the same command anywhere.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True,
+                          deadline=None)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 # tests/guest needs a kernel with vcan: `make test` runs it inside tools/vcan-vm with
 # CAR_AGENT_IN_VCAN=1; a plain `pytest tests` on a host without vcan leaves it out.

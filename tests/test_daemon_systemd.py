@@ -15,7 +15,7 @@ import pytest
 
 from agent.dev.simulate import write_capture
 from agent.signals.vehicle import load_vehicle
-from test_notify_integration import NotifySocket
+from support.notify import NotifySocket
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo.yaml"
