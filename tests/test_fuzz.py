@@ -57,6 +57,7 @@ from agent.signals.model import INVALID, KNOWN_VSS, QUALITIES, STALE, VALID
 from agent.uplink.signing import Signer, Verifier, b64url_encode
 from agent.signals.state import SignalPipeline
 from agent.signals.vehicle import load_vehicle
+from support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -1264,7 +1265,7 @@ def test_agent_subscribes_to_nothing(work):
         uplink.client.subscribe = lambda *a, **k: calls.append((a, k))
         assert uplink.client.on_message is None
         uplink.start()
-        time.sleep(0.5)     # a few connection attempts to the closed port
+        assert wait_for(lambda: uplink.counters.connect_failures >= 3, 20)  # a few attempts
         uplink.stop()
         assert calls == [] and uplink.client.on_message is None
         assert uplink.counters.connects == 0

@@ -23,6 +23,8 @@ from agent.cloud.watch import CloudWatcher
 from agent.dev.simulate import write_capture
 from agent.signals.state import SignalPipeline
 from agent.signals.vehicle import load_vehicle
+from support.handdecode import final_values
+from support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "config" / "demo.yaml"
@@ -49,15 +51,26 @@ def drive(tmp_path_factory) -> Path:
     return path
 
 
+def receivers(iface: str) -> int:
+    """CAN_RAW receivers the kernel has registered on ``iface`` (one per bound socket
+    without filters, as candump's)."""
+    text = Path("/proc/net/can/rcvlist_all").read_text()
+    return sum(1 for line in text.splitlines() if line.split()[:1] == [iface])
+
+
 class Candump:
     """can-utils candump -L on an interface, recording to a file."""
 
     def __init__(self, iface: str, out: Path) -> None:
         self.out = out
         self.handle = open(out, "w")
+        before = receivers(iface)
         self.proc = subprocess.Popen(["candump", "-L", "-r", "8388608", iface],
                                      stdout=self.handle, stderr=subprocess.PIPE, text=True)
-        time.sleep(0.5)   # the receiver must be listening before anything is sent
+        # The receiver must be listening before anything is sent: wait until its socket is
+        # bound, i.e. the kernel lists one more receiver on the interface.
+        assert wait_for(lambda: self.proc.poll() is not None
+                        or receivers(iface) > before, 30), "candump never bound its socket"
         assert self.proc.poll() is None, self.proc.stderr.read()
 
     def stop(self, expected: int | None = None) -> list[str]:
@@ -117,9 +130,11 @@ def test_replay_with_timing_is_frame_identical_and_keeps_the_duration(tmp_path, 
     recorded = dump.stop(len(source))
     assert frames_of(recorded) == frames_of(source)        # ids, data, flags, order
     assert sent_count(result) == len(source)
+    # With timing, the last frame cannot go out before its time (how late it may be is
+    # the machine's business: `make bench` measures it, no test asserts speed).
     want = stamps_of(source)[-1] - stamps_of(source)[0]
     got = stamps_of(recorded)[-1] - stamps_of(recorded)[0]
-    assert abs(got - want) / want < 0.01, (got, want)
+    assert got >= want - 0.001, (got, want)
     assert "timing error p50" in result.stderr
 
 
@@ -214,8 +229,24 @@ class Collector:
         return sorted((r for r in self.records if r.get("verified")), key=lambda r: r["seq"])
 
     def stop(self) -> None:
-        time.sleep(1.0)
+        """After the agent stopped: its last message, ``offline``, has arrived."""
+        assert wait_for(lambda: any(r.get("status") == "offline" for r in self.records), 20)
         self.watcher.stop()
+
+    def wait_all_stale(self, after: int = 0) -> dict:
+        """The first snapshot in which every signal is stale, after an event (seq > ``after``)
+        carrying a valid value: the agent has read everything sent after that point and then
+        noticed the silence. (A silent bus before any frame is reported stale too: hence the
+        valid event first.)"""
+        def found() -> list[dict]:
+            signed = self.events()
+            live = [r["seq"] for r in signed if r["seq"] > after and r["kind"] == "event"
+                    and set(r["signals"]) - set(r["quality"])]
+            return [r for r in signed if live and r["seq"] > live[0] and r["kind"] == "state"
+                    and set(r["quality"]) == set(r["signals"])
+                    and set(r["quality"].values()) == {"stale"}]
+        assert wait_for(found, 30), self.events()[-3:]
+        return found()[0]
 
 
 def last_valid(records: list[dict]) -> dict:
@@ -250,16 +281,17 @@ def test_agent_on_vcan_publishes_verified_state_and_transmits_nothing(
         sent = len(drive.read_text().splitlines())
     else:
         sent = sent_count(replay(drive))
-    time.sleep(1.5)
-    tx_after = sysfs_counter("vcan0", "tx_packets")
+    cloud.wait_all_stale()
     log = agent.stop()
+    tx_after = sysfs_counter("vcan0", "tx_packets")      # over the agent's whole life
     cloud.stop()
     # Every frame on vcan0's TX counter is one the feeder sent: the agent sent none.
     assert tx_after - tx_before == sent
     signed = cloud.events()
     assert [r for r in cloud.records if "rejected" in r] == []
     assert [r["seq"] for r in signed] == list(range(signed[0]["seq"], signed[-1]["seq"] + 1))
-    assert last_valid(signed) == offline_last_valid(drive)
+    assert last_valid(signed) == offline_last_valid(drive)      # wiring: the project's decode
+    assert last_valid(signed) == final_values(drive)            # independent: decoded by hand
     # The bus went quiet after the drive: the final snapshot says so instead of stale numbers.
     final = signed[-1]
     assert final["kind"] == "state"
@@ -289,7 +321,7 @@ def test_interface_down_and_up_is_survived_and_reported(tmp_path, pki, broker, c
     agent.wait_for_log("is up again")
     before = max((r["seq"] for r in cloud.events()), default=0)
     replay(drive, "--start", "2")
-    time.sleep(1.5)
+    cloud.wait_all_stale(before)
     log = agent.stop()
     cloud.stop()
     assert "Traceback" not in log
@@ -297,7 +329,7 @@ def test_interface_down_and_up_is_survived_and_reported(tmp_path, pki, broker, c
     # Frames after the interface came back were decoded and published.
     assert any(r["kind"] == "event" and any(q is None for q in [r["quality"].get(p)
                for p in r["signals"]]) for r in after)
-    assert last_valid(cloud.events()) == offline_last_valid(drive)
+    assert last_valid(cloud.events()) == offline_last_valid(drive) == final_values(drive)
 
 
 def test_gap_in_one_id_makes_its_signals_stale_then_valid(tmp_path, pki, broker, cloud_config,
@@ -307,7 +339,7 @@ def test_gap_in_one_id_makes_its_signals_stale_then_valid(tmp_path, pki, broker,
     agent.wait_for_log("uplink: connected")
     replay(drive, "--gap", "0x3D0:2:1.5", "--drop", "0.05", "--jitter", "2",
            "--flood", "3000:3:1")
-    time.sleep(1.5)
+    cloud.wait_all_stale()
     agent.stop()
     cloud.stop()
     fuel = "Vehicle.Powertrain.FuelSystem.RelativeLevel"
@@ -360,9 +392,9 @@ def test_agent_decodes_can_fd_frames_with_fd_enabled(tmp_path, pki, broker, clou
                                       fd=True), tmp_path)
     agent.wait_for_log("uplink: connected")
     replay(capture)
-    time.sleep(1.0)
+    expected = {"Vehicle.Powertrain.FuelSystem.Range": 432000,
+                "Vehicle.Powertrain.FuelSystem.RelativeLevel": 62.5}
+    wait_for(lambda: last_valid(cloud.events()) == expected, 20)
     agent.stop()
     cloud.stop()
-    values = last_valid(cloud.events())
-    assert values == {"Vehicle.Powertrain.FuelSystem.Range": 432000,
-                      "Vehicle.Powertrain.FuelSystem.RelativeLevel": 62.5}
+    assert last_valid(cloud.events()) == expected

@@ -99,18 +99,22 @@ class NotifySocket:
         raise AssertionError(f"no {key}{'=' + value if value is not None else ''} within "
                              f"{timeout:g} s; received: {got}")
 
-    def wait_count(self, key: str, count: int, timeout: float = 10.0) -> list[Notification]:
-        """Receive until ``count`` datagrams with ``key`` arrived (all of them so far), or fail
-        the test after ``timeout`` seconds saying how many did."""
+    def wait_until(self, predicate, timeout: float = 10.0) -> list[Notification]:
+        """Receive until ``predicate(every datagram so far)`` holds; fail the test with the
+        last datagrams after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        while True:
-            got = [n for n in self.messages if key in n]
+        while not predicate(self.messages):
             left = deadline - time.monotonic()
-            if len(got) >= count or left <= 0:
-                break
+            if left <= 0:
+                got = [n.raw for n in self.messages][-20:]
+                raise AssertionError(f"not within {timeout:g} s; received: {got}")
             self.recv(left)
-        assert len(got) >= count, f"{len(got)} {key} datagram(s) within {timeout:g} s"
-        return got
+        return self.messages
+
+    def wait_count(self, key: str, count: int, timeout: float = 10.0) -> list[Notification]:
+        """Receive until ``count`` datagrams with ``key`` arrived; all of them so far."""
+        self.wait_until(lambda notes: sum(key in n for n in notes) >= count, timeout)
+        return [n for n in self.messages if key in n]
 
     def collect(self, duration: float, key: str | None = None) -> list[Notification]:
         """Everything arriving during ``duration`` seconds (only those with ``key`` if given)."""
