@@ -44,6 +44,7 @@ from agent.dev.pki import init_pki
 from agent.uplink.signing import Verifier
 from agent.dev.simulate import write_capture
 from agent.signals.vehicle import load_vehicle
+from support.agent_run import run_agent as support_run_agent, write_agent_config
 from support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,25 +278,13 @@ _BUSY_POLICY = ("policy: {min_interval_s: 0, snapshot_min_interval_s: 0.5, heart
 
 def _agent_yaml(folder: Path, capture: Path, store: Path, signing: Path, port: int, ca: Path,
                 cert: Path, key: Path, name: str) -> Path:
-    path = folder / name
-    path.write_text(f"""\
-vehicle_id: VIN1
-can: {{capture: {capture}, realtime: false}}
-dbc: [{DEMO_DBC}]
-mapping: {DEMO_MAPPING}
-signing: {{key: {signing}}}
-mqtt: {{host: 127.0.0.1, port: {port}, ca: {ca}, cert: {cert}, key: {key},
-        reconnect_min_s: 0.2, reconnect_max_s: 0.5}}
-store: {{path: {store}}}
-{_BUSY_POLICY}
-""")
-    return path
+    return write_agent_config(folder, ca.parent, port, capture=capture, store=store,
+                              signing_key=signing, ca=ca, cert=cert, key=key, name=name,
+                              policy=_BUSY_POLICY)
 
 
 def run_agent(config: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(config), *args],
-                          capture_output=True, text=True, errors="replace", timeout=timeout,
-                          cwd=ROOT)
+    return support_run_agent(config, *args, timeout=timeout)
 
 
 def copy_store(store: Path, folder: Path) -> Path:

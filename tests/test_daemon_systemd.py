@@ -8,21 +8,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from agent.dev.simulate import write_capture
 from agent.signals.vehicle import load_vehicle
+from support.agent_run import write_agent_config
 from support.notify import NotifySocket
 from support.waiting import wait_for
-
-
-def process_state(pid: int) -> str:
-    """The state letter of /proc/PID/stat (``T``: stopped)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat.rsplit(")", 1)[1].split()[0]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo.yaml"
@@ -32,19 +26,15 @@ pytestmark = pytest.mark.mqtt
 
 def write_config(tmp_path: Path, pki: Path, port: int, capture: Path, *,
                  signing_key: Path | None = None) -> Path:
-    config = tmp_path / "agent.yaml"
-    config.write_text(f"""\
-vehicle_id: VIN1
-can: {{capture: {capture}, realtime: true}}
-dbc: [{ROOT / 'dbc' / 'demo_vehicle.dbc'}]
-mapping: {ROOT / 'config' / 'mapping' / 'demo_vehicle.yaml'}
-signing: {{key: {signing_key or pki / 'VIN1.signing.key'}}}
-mqtt: {{host: 127.0.0.1, port: {port}, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'},
-        key: {pki / 'VIN1.key'}}}
-store: {{path: {tmp_path / 'outbox.db'}}}
-logging: {{stats_interval_s: 1, mask_vin: true}}
-""")
-    return config
+    return write_agent_config(tmp_path, pki, port, capture=capture, realtime=True,
+                              signing_key=signing_key,
+                              extra="logging: {stats_interval_s: 1, mask_vin: true}")
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (``T``: stopped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def test_ready_watchdog_status_stopping_over_a_real_notify_socket(tmp_path, pki, broker):

@@ -10,7 +10,6 @@ because opening an Outbox counts as a boot.
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from agent.can.capture import open_capture
 from agent.service.daemon import Agent, run
 from agent.errors import ConfigError, KeyFileError
 from agent.uplink.outbox import Entry, Outbox
+from agent.dev.broker import free_port
 from agent.dev.pki import init_pki
 from agent.config import PolicyConfig
 from agent.signals.policy import PublishPolicy
@@ -42,13 +42,6 @@ IMMEDIATE = set(IS_OPEN) | set(IS_LOCKED) | set(WINDOWS) | {
     "Vehicle.Powertrain.FuelSystem.IsFuelLevelLow"}
 # More than one snapshot in a 5 s drive, so state entries are checked beyond the final one.
 POLICY = "policy: {snapshot_min_interval_s: 1}\n"
-
-
-def free_port() -> int:
-    """A loopback port where nothing listens (bound, read, closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_config(directory: Path, pki: Path, capture: Path, *, store: Path, port: int,

@@ -32,7 +32,6 @@ import random
 import signal
 import resource
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,6 +56,7 @@ from agent.signals.model import INVALID, KNOWN_VSS, QUALITIES, STALE, VALID
 from agent.uplink.signing import Signer, Verifier, b64url_encode
 from agent.signals.state import SignalPipeline
 from agent.signals.vehicle import load_vehicle
+from coredata import one_line
 from support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +69,6 @@ SHARED_DBCS = sorted(SHARED.glob("*.dbc")) if SHARED.is_dir() else []
 FUZZ = dict(deadline=None, derandomize=True, database=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                    HealthCheck.data_too_large, HealthCheck.filter_too_much])
-
-#: Every character str.splitlines() splits on.
-LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -115,10 +112,6 @@ def note(label: str) -> None:
         event(label)
     except InvalidArgument:   # not inside a Hypothesis test
         pass
-
-
-def one_line(text: str) -> bool:
-    return bool(text) and len(text.splitlines()) == 1 and not any(c in text for c in LINE_BREAKS)
 
 
 def check_user_error(exc: BaseException, *files: Path) -> str:

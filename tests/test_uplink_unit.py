@@ -7,7 +7,6 @@ not in a hot loop, the metrics topic, and credentials that change on disk.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -22,7 +21,6 @@ import pytest
 
 import agent.uplink.mqtt as uplink_module
 from agent.config import MqttConfig
-from agent.dev.broker import free_port
 from agent.dev.pki import issue_client_cert
 from agent.uplink.mqtt import Uplink
 from agent.uplink.outbox import Outbox

@@ -53,13 +53,14 @@ store: {{path: {store or directory / 'outbox.db'}}}
 
 def run_agent(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(AGENT + ["run", "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                          capture_output=True, text=True, errors="replace", timeout=timeout,
+                          cwd=ROOT)
 
 
 def start_agent(config: Path, *args: str) -> subprocess.Popen:
     """``car-agent run`` in the background, its stderr on a text pipe."""
     return subprocess.Popen(AGENT + ["run", "--config", str(config), *args],
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, errors="replace", cwd=ROOT)
 
 
 def queued_seqs(outbox: Path) -> list[int]:
