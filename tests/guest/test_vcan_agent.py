@@ -18,12 +18,11 @@ import can
 import pytest
 
 from agent.can.capture import format_candump, open_capture
-from agent.cloud.config import load_cloud_config
-from agent.cloud.watch import CloudWatcher
 from agent.dev.simulate import write_capture
 from agent.signals.state import SignalPipeline
 from agent.signals.vehicle import load_vehicle
-from support.handdecode import final_values
+from support.agent_run import Collector as BaseCollector, write_agent_config
+from support.handdecode import DOORS, LOCKS, door_changes, final_values
 from support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,20 +176,12 @@ def test_can_fd_frames_stay_fd_on_mtu_72(tmp_path):
 
 def agent_config(tmp_path: Path, pki: Path, port: int, *, channel: str = "vcan0",
                  dbc: Path | None = None, mapping: Path | None = None, fd: bool = False) -> Path:
-    path = tmp_path / "agent.yaml"
-    path.write_text(f"""\
-vehicle_id: VIN1
-can: {{interface: socketcan, channel: {channel}, fd: {str(fd).lower()}}}
-dbc: [{dbc or ROOT / 'dbc' / 'demo_vehicle.dbc'}]
-mapping: {mapping or ROOT / 'config' / 'mapping' / 'demo_vehicle.yaml'}
-signing: {{key: {pki / 'VIN1.signing.key'}}}
-mqtt: {{host: 127.0.0.1, port: {port}, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'},
-        key: {pki / 'VIN1.key'}, reconnect_min_s: 0.2, reconnect_max_s: 1}}
-store: {{path: {tmp_path / 'outbox.db'}}}
-policy: {{min_interval_s: 0, snapshot_min_interval_s: 0.5}}
-logging: {{stats_interval_s: 1}}
-""")
-    return path
+    return write_agent_config(
+        tmp_path, pki, port, can=f"{{interface: socketcan, channel: {channel}, "
+                                 f"fd: {str(fd).lower()}}}",
+        dbc=dbc, mapping=mapping,
+        policy="policy: {min_interval_s: 0, snapshot_min_interval_s: 0.5}",
+        extra="logging: {stats_interval_s: 1}")
 
 
 class RunningAgent:
@@ -218,34 +209,36 @@ class RunningAgent:
         return text
 
 
-class Collector:
+class Collector(BaseCollector):
+    """The cloud watcher's view, started at once; :meth:`stop` after the agent stopped."""
+
     def __init__(self, cloud_yaml: Path) -> None:
-        self.records: list[dict] = []
-        self.watcher = CloudWatcher(load_cloud_config(cloud_yaml), self.records.append)
-        self.watcher.start()
-        assert self.watcher.connected.wait(20)
+        super().__init__(cloud_yaml)
+        self.start()
 
     def events(self) -> list[dict]:
-        return sorted((r for r in self.records if r.get("verified")), key=lambda r: r["seq"])
+        return sorted(self.verified(), key=lambda r: r["seq"])
 
     def stop(self) -> None:
         """After the agent stopped: its last message, ``offline``, has arrived."""
-        assert wait_for(lambda: any(r.get("status") == "offline" for r in self.records), 20)
+        assert self.wait_offline(timeout=20)
         self.watcher.stop()
 
-    def wait_all_stale(self, after: int = 0) -> dict:
-        """The first snapshot in which every signal is stale, after an event (seq > ``after``)
-        carrying a valid value: the agent has read everything sent after that point and then
-        noticed the silence. (A silent bus before any frame is reported stale too: hence the
-        valid event first.)"""
+    def wait_end_of_drive(self, expected: dict) -> dict:
+        """Until the agent has read the whole drive and noticed the silence after it: the
+        last valid values include ``expected``, and a snapshot after the last valid value
+        has every signal stale. (A lagging agent may report the bus stale in the middle of
+        the drive too, and a silent bus before any frame is stale: neither is the end.)"""
         def found() -> list[dict]:
             signed = self.events()
-            live = [r["seq"] for r in signed if r["seq"] > after and r["kind"] == "event"
-                    and set(r["signals"]) - set(r["quality"])]
-            return [r for r in signed if live and r["seq"] > live[0] and r["kind"] == "state"
+            live = [r["seq"] for r in signed if set(r["signals"]) - set(r["quality"])]
+            values = last_valid(signed)
+            if not live or any(values.get(k, k) != v for k, v in expected.items()):
+                return []
+            return [r for r in signed if r["seq"] > live[-1] and r["kind"] == "state"
                     and set(r["quality"]) == set(r["signals"])
                     and set(r["quality"].values()) == {"stale"}]
-        assert wait_for(found, 30), self.events()[-3:]
+        assert wait_for(found, 60), (last_valid(self.events()), self.events()[-3:])
         return found()[0]
 
 
@@ -281,7 +274,7 @@ def test_agent_on_vcan_publishes_verified_state_and_transmits_nothing(
         sent = len(drive.read_text().splitlines())
     else:
         sent = sent_count(replay(drive))
-    cloud.wait_all_stale()
+    cloud.wait_end_of_drive(final_values(drive))
     log = agent.stop()
     tx_after = sysfs_counter("vcan0", "tx_packets")      # over the agent's whole life
     cloud.stop()
@@ -321,7 +314,7 @@ def test_interface_down_and_up_is_survived_and_reported(tmp_path, pki, broker, c
     agent.wait_for_log("is up again")
     before = max((r["seq"] for r in cloud.events()), default=0)
     replay(drive, "--start", "2")
-    cloud.wait_all_stale(before)
+    cloud.wait_end_of_drive(final_values(drive))
     log = agent.stop()
     cloud.stop()
     assert "Traceback" not in log
@@ -339,7 +332,9 @@ def test_gap_in_one_id_makes_its_signals_stale_then_valid(tmp_path, pki, broker,
     agent.wait_for_log("uplink: connected")
     replay(drive, "--gap", "0x3D0:2:1.5", "--drop", "0.05", "--jitter", "2",
            "--flood", "3000:3:1")
-    cloud.wait_all_stale()
+    # Frames are dropped at random: only BodyStatus's last state (held for seconds) is sure.
+    cloud.wait_end_of_drive({path: value for path, value in final_values(drive).items()
+                             if path in DOORS or path in LOCKS})
     agent.stop()
     cloud.stop()
     fuel = "Vehicle.Powertrain.FuelSystem.RelativeLevel"
@@ -351,11 +346,13 @@ def test_gap_in_one_id_makes_its_signals_stale_then_valid(tmp_path, pki, broker,
     assert "stale" in states[1:-1] and states[0] == "valid"
     first_stale = states.index("stale")
     assert "valid" in states[first_stale:]
-    # BodyStatus was not withheld: the door never went stale during the drive.
-    door_q = [r["quality"].get(door, "valid") for r in cloud.events()
-              if door in r["signals"] and r["kind"] == "event"]
-    door_q = door_q[door_q.index("valid"):]
-    assert door_q[:-1].count("stale") == 0
+    # BodyStatus was not withheld: every change of the door in the drive (decoded by hand)
+    # arrived, in order. (Whether it also stayed fresh throughout depends on the machine
+    # keeping up with the flood in real time: not asserted.)
+    door_values = [r["signals"][door] for r in cloud.events()
+                   if r["kind"] == "event" and door in r["signals"] and door not in r["quality"]]
+    assert [v for i, v in enumerate(door_values) if i == 0 or v != door_values[i - 1]] == \
+        door_changes(drive, door)
 
 
 FD_DBC = """VERSION ""

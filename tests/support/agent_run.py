@@ -22,8 +22,10 @@ def write_agent_config(directory: Path, pki: Path, port: int, *, capture: Path |
                        key: Path | None = None, ca: Path | None = None,
                        signing_key: Path | None = None, realtime: bool = False,
                        policy: str = "", extra: str = "", store: Path | None = None,
+                       dbc: Path | None = None, mapping: Path | None = None,
                        name: str = "agent.yaml") -> Path:
-    """An agent config for the demo vehicle on ``pki`` and a broker on ``port``.
+    """An agent config for the demo vehicle (or ``dbc``/``mapping``) on ``pki`` and a broker
+    on ``port``.
 
     The source is ``capture`` (a capture file) unless ``can`` gives the ``can:`` mapping
     verbatim; ``policy`` and ``extra`` are appended as YAML lines. The outbox is
@@ -39,8 +41,8 @@ def write_agent_config(directory: Path, pki: Path, port: int, *, capture: Path |
     path.write_text(f"""\
 vehicle_id: {vid}
 can: {source}
-dbc: [{ROOT / 'dbc' / 'demo_vehicle.dbc'}]
-mapping: {ROOT / 'config' / 'mapping' / 'demo_vehicle.yaml'}
+dbc: [{dbc or ROOT / 'dbc' / 'demo_vehicle.dbc'}]
+mapping: {mapping or ROOT / 'config' / 'mapping' / 'demo_vehicle.yaml'}
 signing: {{key: {signing_key}}}
 mqtt: {{host: 127.0.0.1, port: {port}, ca: {ca or pki / 'ca.crt'}, cert: {cert or pki / f'{vid}.crt'},
         key: {key or pki / f'{vid}.key'}, reconnect_min_s: 0.2, reconnect_max_s: 1}}
@@ -91,11 +93,14 @@ class Collector:
 
     def __enter__(self) -> "Collector":
         self.watcher.start()
-        assert self.watcher.connected.wait(10), self.problems
+        assert self.watcher.connected.wait(20), self.problems
         return self
 
     def __exit__(self, *exc) -> None:
         self.watcher.stop()
+
+    def start(self) -> "Collector":
+        return self.__enter__()
 
     def verified(self, kind: str | None = None) -> list[dict]:
         return [r for r in self.records if r.get("verified")

@@ -52,6 +52,21 @@ def last_frames(capture: Path) -> tuple[dict, dict]:
     return last, windows
 
 
+def door_changes(capture: Path, path: str) -> list[object]:
+    """The successive values of one BodyStatus door/lid ``path`` over the capture (a value
+    is listed when it differs from the one before; None: ERROR or SNA)."""
+    values: list[object] = []
+    for line in capture.read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 3 or not parts[2].upper().startswith(f"{BODY:03X}#"):
+            continue
+        body = int.from_bytes(bytes.fromhex(parts[2].split("#", 1)[1]), "little")
+        value = {0: False, 1: True}.get((body >> DOORS[path]) & 0x3)
+        if not values or values[-1] != value:
+            values.append(value)
+    return values
+
+
 def final_values(capture: Path) -> dict[str, object]:
     """The value each mapped signal has after the capture's last frame (None: invalid)."""
     last, windows = last_frames(capture)
