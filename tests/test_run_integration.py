@@ -246,7 +246,8 @@ def test_acl_denial_is_a_failure_not_a_delivery(tmp_path, pki, broker, cloud_con
         stats = outbox.stats()
         assert stats.delivered == 0
         assert stats.queued > 0
-        assert stats.failed >= 1
+        # Every refusal was recorded, and within the 3 s none was retried (30 s later only).
+        assert 1 <= stats.failed <= stats.queued
 
 
 def test_credential_rotation_uses_the_new_certificate_and_loses_nothing(
