@@ -36,15 +36,14 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from agent.cloud.config import load_cloud_config
-from agent.cloud.watch import CloudWatcher
 from agent.dev.broker import free_port
 from agent.uplink.outbox import Outbox
 from agent.dev.pki import init_pki
 from agent.uplink.signing import Verifier
 from agent.dev.simulate import write_capture
 from agent.signals.vehicle import load_vehicle
-from support.agent_run import run_agent as support_run_agent, write_agent_config
+from support.agent_run import Collector, start_agent, write_agent_config
+from support.agent_run import run_agent as support_run_agent
 from support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -379,20 +378,13 @@ def test_the_kept_queue_drains_to_a_real_broker_without_gap_or_rejection(
     config = _agent_yaml(tmp_path, offline_run["capture"], offline_run["store"],
                          signing_pki / "VIN1.signing.key", broker.port, pki / "ca.crt",
                          pki / "VIN1.crt", pki / "VIN1.key", "online.yaml")
-    records: list[dict] = []
-    problems: list[str] = []
-    watcher = CloudWatcher(load_cloud_config(cloud_config(trust=signing_pki / "jwks.json")),
-                           records.append, on_problem=problems.append)
-    watcher.start()
-    try:
-        assert watcher.connected.wait(10), problems
+    with Collector(cloud_config(trust=signing_pki / "jwks.json")) as cloud:
         result = run_agent(config, "--drain-timeout", "30")
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stderr.rstrip("\n").split("\n")[-1] == "car-agent run: stopped; outbox empty"
-        assert wait_for(lambda: any(r.get("status") == "offline" for r in records), 15)
-    finally:
-        watcher.stop()
+        assert cloud.wait_offline()
+    records = cloud.records
     assert [r for r in records if "rejected" in r] == []
     verified = [r for r in records if r.get("verified")]
     seqs = sorted(r["seq"] for r in verified)
@@ -425,15 +417,9 @@ def test_live_daemon_survives_bad_input_and_a_stalled_capture_then_stops_cleanly
                          broker.port, pki / "ca.crt", pki / "VIN1.crt", pki / "VIN1.key",
                          "live.yaml")
     config.write_text(config.read_text().replace("realtime: false", "realtime: true"))
-    records: list[dict] = []
-    problems: list[str] = []
-    watcher = CloudWatcher(load_cloud_config(cloud_config()), records.append,
-                           on_problem=problems.append)
-    watcher.start()
-    try:
-        assert watcher.connected.wait(10), problems
-        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
-                                 stderr=subprocess.PIPE, text=True, errors="replace", cwd=ROOT)
+    with Collector(cloud_config()) as cloud:
+        records, problems = cloud.records, cloud.problems
+        agent = start_agent(config)
         try:
             assert wait_for(lambda: any(r.get("verified") for r in records)
                             or agent.poll() is not None, 20), problems
@@ -458,9 +444,7 @@ def test_live_daemon_survives_bad_input_and_a_stalled_capture_then_stops_cleanly
         assert "Traceback" not in stderr, stderr[-3000:]
         assert agent.returncode == 0, stderr[-3000:]
         assert stderr.rstrip("\n").split("\n")[-1] == "car-agent run: stopped; outbox empty"
-        assert wait_for(lambda: any(r.get("status") == "offline" for r in records), 10)
-    finally:
-        watcher.stop()
+        assert cloud.wait_offline()
     assert [r for r in records if "rejected" in r] == []
     seqs = sorted(r["seq"] for r in records if r.get("verified"))
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 3
