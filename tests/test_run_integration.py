@@ -156,15 +156,18 @@ def test_broker_outage_and_kill9_lose_no_seq_and_resend_in_order(tmp_path, pki, 
             # 2. A crash while messages are queued (broker down again): no flush, no goodbye.
             broker.kill()
             assert wait_for(lambda: not cloud.watcher.connected.is_set())
-            assert wait_for(lambda: len(queued_seqs(outbox)) >= 5, 20)
+            # Enough that a few late PUBACKs (received before the broker died) leave some.
+            assert wait_for(lambda: len(queued_seqs(outbox)) >= 10, 20)
             agent.send_signal(signal.SIGKILL)
             agent.wait(10)
         finally:
             if agent.poll() is None:
                 agent.kill()
             agent.stderr.close()
+        # (Read after the kill: PUBACKs already received before the broker died may have
+        # removed a few after the count above.)
         queued_at_kill = queued_seqs(outbox)
-        assert len(queued_at_kill) >= 5
+        assert queued_at_kill, "the outbox was empty at the SIGKILL: nothing to prove"
         assert queued_at_kill == list(range(queued_at_kill[0], queued_at_kill[-1] + 1))
         broker.restart()
         assert cloud.watcher.connected.wait(15), cloud.problems
