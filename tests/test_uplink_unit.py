@@ -24,6 +24,7 @@ from agent.config import MqttConfig
 from agent.dev.pki import issue_client_cert
 from agent.uplink.mqtt import Uplink
 from agent.uplink.outbox import Outbox
+from support.agent_run import failures
 from support.subscriber import Subscriber
 from support.waiting import ManualClock, stays, wait_for
 
@@ -146,11 +147,33 @@ def test_refused_publish_is_kept_and_retried_after_30_s_not_in_a_hot_loop(
     assert [e.seq for e in outbox.pending(10)] == seqs          # kept, none taken as sent
     stats = outbox.stats()
     assert (stats.delivered, stats.failed) == (0, 3)
+    refused_once = {seq: (1, "PUBACK 0x87 Not authorized") for seq in seqs}
+    assert failures(outbox.path) == refused_once                # the reason is kept
 
     clock.advance(1.5)                                          # 30.5 s after the refusal
     assert wait_for(lambda: uplink.counters.refused == 6, 10), uplink.counters
     assert stays(lambda: uplink.counters.published == 6, 0.5), uplink.counters
     assert len(outbox) == 3 and outbox.stats().delivered == 0
+    assert {seq: n for seq, (n, _) in failures(outbox.path).items()} == {seq: 2 for seq in seqs}
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+def test_status_is_online_while_connected_and_offline_after_stop_both_retained(
+        pki, broker, running):
+    uplink, _ = running(mqtt_config(pki, broker.port))
+    assert uplink.connected.wait(10), uplink.last_error
+    status = "vehicles/VIN1/status"
+    with Subscriber(pki, broker.port, status) as late:       # subscribes after the fact
+        got = late.wait_count(status, 1)
+        assert [(m.payload, m.retain) for m in got] == [(b"online", True)]
+        uplink.stop()
+        got = late.wait_count(status, 2)
+        assert (got[1].payload, got[1].qos) == (b"offline", 1)
+    with Subscriber(pki, broker.port, status) as later:
+        assert [(m.payload, m.retain) for m in later.wait_count(status, 1)] == \
+            [(b"offline", True)]
 
 
 # -- metrics -----------------------------------------------------------------------------------

@@ -74,6 +74,16 @@ def queued_seqs(outbox: Path) -> list[int]:
         conn.close()
 
 
+def failures(outbox: Path) -> dict[int, tuple[int, str | None]]:
+    """{seq: (times refused, the last refusal's reason)} of the entries an outbox holds."""
+    conn = sqlite3.connect(outbox, timeout=10)
+    try:
+        return {seq: (count, reason) for seq, count, reason in conn.execute(
+            "SELECT seq, failures, last_error FROM entries ORDER BY seq")}
+    finally:
+        conn.close()
+
+
 class Collector:
     """A CloudWatcher collecting every record it produces (and the raw payloads)."""
 
