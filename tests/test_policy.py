@@ -709,3 +709,18 @@ def test_deadband_patterns_keep_the_order_written_in_the_config(tmp_path):
     t = T0 + 1.0
     assert events(step(policy, t, ch(t, RANGE, 504_999))) == []
     assert [c.value for c in events(step(policy, t + 1, ch(t + 1, RANGE, 505_000)))] == [505_000]
+
+
+# -- the rate cap's bucket: one token at most, one token per message ---------------------------
+
+
+def test_a_long_silence_saves_up_no_more_than_one_message():
+    policy = started(paths=(DOOR,), initial={DOOR: False}, max_messages_per_s=1.0,
+                     snapshot_min_interval_s=1000.0, heartbeat_s=1000.0)
+    t = T0 + 100.0                                   # 100 s without a message
+    # Three changes of one signal at one instant: three batches (no state is dropped).
+    policy.observe([ch(t, DOOR, True), ch(t, DOOR, False), ch(t, DOOR, True)])
+    assert [[c.value for c in item.changes] for item in policy.due(t)] == [[True]]
+    assert policy.due(t + 0.5) == []                 # half a token
+    assert [[c.value for c in item.changes] for item in policy.due(t + 1.0)] == [[False]]
+    assert [[c.value for c in item.changes] for item in policy.due(t + 2.0)] == [[True]]
