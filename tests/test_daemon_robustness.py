@@ -42,8 +42,7 @@ from agent.dev.pki import init_pki
 from agent.uplink.signing import Verifier
 from agent.dev.simulate import write_capture
 from agent.signals.vehicle import load_vehicle
-from support.agent_run import Collector, start_agent, write_agent_config
-from support.agent_run import run_agent as support_run_agent
+from support.agent_run import Collector, run_agent, start_agent, write_agent_config
 from support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,10 +279,6 @@ def _agent_yaml(folder: Path, capture: Path, store: Path, signing: Path, port: i
     return write_agent_config(folder, ca.parent, port, capture=capture, store=store,
                               signing_key=signing, ca=ca, cert=cert, key=key, name=name,
                               policy=_BUSY_POLICY)
-
-
-def run_agent(config: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return support_run_agent(config, *args, timeout=timeout)
 
 
 def copy_store(store: Path, folder: Path) -> Path:

@@ -53,7 +53,7 @@ store: {{path: {store or directory / 'outbox.db'}}}
     return path
 
 
-def run_agent(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_agent(config: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     return subprocess.run(AGENT + ["run", "--config", str(config), *args],
                           capture_output=True, text=True, errors="replace", timeout=timeout,
                           cwd=ROOT)
