@@ -25,6 +25,7 @@ from agent.errors import ConfigError, KeyFileError, UserError
 from agent.dev.pki import init_pki, issue_client_cert
 from agent.uplink.signing import Signer, Verifier, b64url_decode, b64url_encode, public_jwk
 from agent.dev.broker import free_port
+from support.waiting import wait_for
 
 RANGE = "Vehicle.Powertrain.FuelSystem.Range"
 DOOR = "Vehicle.Cabin.Door.Row1.DriverSide.IsOpen"
@@ -198,10 +199,7 @@ def test_duplicate_and_out_of_order_seq(watch, mqtt_client, signer) -> None:
 def test_watcher_reconnects_after_broker_restart(watch, mqtt_client, signer, broker) -> None:
     watcher, seen = watch()
     broker.kill()
-    deadline = time.monotonic() + 5
-    while watcher.connected.is_set() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not watcher.connected.is_set()
+    assert wait_for(lambda: not watcher.connected.is_set(), 5)
     broker.restart()
     assert watcher.connected.wait(5), seen.problems
     mqtt_client("VIN1").publish("vehicles/VIN1/events", signer.sign(make_claims(1)))
