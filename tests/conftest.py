@@ -1,7 +1,9 @@
 """Shared fixtures: a development PKI, a real mosquitto with mTLS, cloud configs for it.
 
 ``broker`` skips when mosquitto is not installed, except in CI (``CI=true``), where a
-missing broker is a failure: the integration tests must not silently vanish there.
+missing broker is a failure: the integration tests must not silently vanish there. With
+``CI=true`` Hypothesis runs the derandomized ``ci`` profile. Helpers that are not fixtures
+live in ``tests/support``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Callable, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import settings
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -21,6 +24,13 @@ from agent.dev.broker import DevBroker, find_mosquitto
 from agent.dev.pki import init_pki
 
 VEHICLES = ["VIN1", "VIN2"]
+
+# In CI every Hypothesis test is derandomized (the same examples every run, no example
+# database), so a failure there reproduces with the same command anywhere.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True,
+                          deadline=None)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 # tests/guest needs a kernel with vcan: `make test` runs it inside tools/vcan-vm with
 # CAR_AGENT_IN_VCAN=1; a plain `pytest tests` on a host without vcan leaves it out.
@@ -67,6 +77,30 @@ def running_broker(dev: DevBroker, request: pytest.FixtureRequest) -> Iterator[D
         report = getattr(request.node, "rep_call", None)
         if report is not None and report.failed:
             request.node.add_report_section("teardown", "mosquitto log", dev.log_text()[-20000:])
+
+
+@pytest.fixture
+def broker_factory(tmp_path_factory: pytest.TempPathFactory,
+                   request: pytest.FixtureRequest) -> Iterator[Callable[..., DevBroker]]:
+    """Factory: ``broker_factory(pki_dir, extra_conf=..., host=...)`` is a started DevBroker
+    on another PKI (e.g. a private one with a ``crlfile``); all are stopped after the test."""
+    started: list[DevBroker] = []
+
+    def make(pki_dir: Path, *, extra_conf: str = "", host: str = "127.0.0.1") -> DevBroker:
+        require_mosquitto()
+        dev = DevBroker(pki_dir, tmp_path_factory.mktemp("broker"), extra_conf=extra_conf,
+                        host=host)
+        dev.start()
+        started.append(dev)
+        return dev
+
+    yield make
+    report = getattr(request.node, "rep_call", None)
+    for dev in started:
+        dev.stop()
+        if report is not None and report.failed:
+            request.node.add_report_section("teardown", f"mosquitto log ({dev.workdir.name})",
+                                            dev.log_text()[-20000:])
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -136,9 +136,14 @@ def published(decoder, updates) -> dict:
     return {decoder.paths[i]: (value, quality) for i, value, quality in updates}
 
 
+#: Every character Python's str.splitlines() breaks at.
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
 def one_line(message: str) -> bool:
-    """True when ``message`` is one line by every definition of a line break."""
-    return len(message.splitlines()) == 1 and "\n" not in message and "\r" not in message
+    """True when ``message`` is one non-empty line: no line break of any kind anywhere (a
+    trailing one included)."""
+    return bool(message) and not any(c in message for c in LINE_BREAKS)
 
 
 DBC_HEADER = 'VERSION ""\n\nNS_ :\n\tBA_DEF_\n\tBA_\n\tVAL_\n\nBS_:\n\nBU_: ECU\n\n'

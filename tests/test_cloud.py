@@ -25,6 +25,7 @@ from agent.errors import ConfigError, KeyFileError, UserError
 from agent.dev.pki import init_pki, issue_client_cert
 from agent.uplink.signing import Signer, Verifier, b64url_decode, b64url_encode, public_jwk
 from agent.dev.broker import free_port
+from support.waiting import wait_for
 
 RANGE = "Vehicle.Powertrain.FuelSystem.Range"
 DOOR = "Vehicle.Cabin.Door.Row1.DriverSide.IsOpen"
@@ -201,10 +202,7 @@ def test_duplicate_and_out_of_order_seq(watch, mqtt_client, signer) -> None:
 def test_watcher_reconnects_after_broker_restart(watch, mqtt_client, signer, broker) -> None:
     watcher, seen = watch()
     broker.kill()
-    deadline = time.monotonic() + 5
-    while watcher.connected.is_set() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not watcher.connected.is_set()
+    assert wait_for(lambda: not watcher.connected.is_set(), 5)
     broker.restart()
     assert watcher.connected.wait(5), seen.problems
     mqtt_client("VIN1").publish("vehicles/VIN1/events", signer.sign(make_claims(1)))
@@ -252,11 +250,10 @@ def test_watch_main_json_count(cloud_config, mqtt_client, signer) -> None:
         vin1.publish("vehicles/VIN1/events", signer.sign(make_claims(4)))  # beyond count
 
     thread = _publish_when_subscribed(err, publish)
-    started = time.monotonic()
-    rc = watch_main(cloud_config(), json_lines=True, count=3, duration=10, out=out, err=err)
+    # Ended by the count: seq 4 was published too (the duration is only a backstop).
+    rc = watch_main(cloud_config(), json_lines=True, count=3, duration=60, out=out, err=err)
     thread.join(5)
     assert rc == 0
-    assert time.monotonic() - started < 5
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line.get("seq") for line in lines if line["verified"]] == [1, 2, 3]
     assert lines[0] == {"vid": "VIN1", "topic": "vehicles/VIN1/status", "kind": "status",
@@ -294,18 +291,26 @@ def test_watch_main_duration_without_messages(cloud_config) -> None:
     out, err = io.StringIO(), io.StringIO()
     started = time.monotonic()
     assert watch_main(cloud_config(), True, None, 0.5, out=out, err=err) == 0
-    assert 0.5 <= time.monotonic() - started < 3
+    assert time.monotonic() - started >= 0.5          # it waited the whole duration
     assert out.getvalue() == ""
 
 
 def test_watch_main_ends_on_sigterm(cloud_config) -> None:
     out, err = io.StringIO(), _Stream()
-    thread = _publish_when_subscribed(err, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    returned, hung = threading.Event(), threading.Event()
+
+    def terminate() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        if not returned.wait(60):        # not ended by SIGTERM: end it by SIGINT, and fail
+            hung.set()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    thread = _publish_when_subscribed(err, terminate)
     before = signal.getsignal(signal.SIGTERM)
-    started = time.monotonic()
-    assert watch_main(cloud_config(), True, None, None, out=out, err=err) == 0
+    assert watch_main(cloud_config(), True, None, None, out=out, err=err) == 0   # no duration
+    returned.set()
     thread.join(5)
-    assert time.monotonic() - started < 5
+    assert not hung.is_set(), "watch did not end on SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before  # handler restored
 
 
@@ -326,11 +331,8 @@ def foreign_pki(tmp_path_factory) -> Path:
 
 def _watch_fails(config: Path, expected: str, duration: float = 1.0) -> str:
     out, err = io.StringIO(), io.StringIO()
-    started = time.monotonic()
     rc = watch_main(config, True, None, duration, out=out, err=err)
-    elapsed = time.monotonic() - started
     assert rc == 1
-    assert elapsed < duration + 3
     lines = err.getvalue().splitlines()
     assert len(lines) == 1, lines  # one line, not one per retry
     assert expected in lines[0], lines[0]

@@ -8,14 +8,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from agent.dev.simulate import write_capture
 from agent.signals.vehicle import load_vehicle
-from test_notify_integration import NotifySocket
+from support.agent_run import write_agent_config
+from support.notify import NotifySocket
+from support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo.yaml"
@@ -25,19 +26,15 @@ pytestmark = pytest.mark.mqtt
 
 def write_config(tmp_path: Path, pki: Path, port: int, capture: Path, *,
                  signing_key: Path | None = None) -> Path:
-    config = tmp_path / "agent.yaml"
-    config.write_text(f"""\
-vehicle_id: VIN1
-can: {{capture: {capture}, realtime: true}}
-dbc: [{ROOT / 'dbc' / 'demo_vehicle.dbc'}]
-mapping: {ROOT / 'config' / 'mapping' / 'demo_vehicle.yaml'}
-signing: {{key: {signing_key or pki / 'VIN1.signing.key'}}}
-mqtt: {{host: 127.0.0.1, port: {port}, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'},
-        key: {pki / 'VIN1.key'}}}
-store: {{path: {tmp_path / 'outbox.db'}}}
-logging: {{stats_interval_s: 1, mask_vin: true}}
-""")
-    return config
+    return write_agent_config(tmp_path, pki, port, capture=capture, realtime=True,
+                              signing_key=signing_key,
+                              extra="logging: {stats_interval_s: 1, mask_vin: true}")
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (``T``: stopped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def test_ready_watchdog_status_stopping_over_a_real_notify_socket(tmp_path, pki, broker):
@@ -52,19 +49,20 @@ def test_ready_watchdog_status_stopping_over_a_real_notify_socket(tmp_path, pki,
             ready = manager.wait_for("READY", "1", timeout=20)
             assert ready.pid == agent.pid              # NotifyAccess=main holds
             assert "signals" in ready.get("STATUS", "")
-            pings = manager.collect(3.0, "WATCHDOG")
-            assert len(pings) >= 4                     # every 1/4 of WatchdogSec or more often
+            pings = manager.wait_count("WATCHDOG", 4, timeout=30)
             assert {p.pid for p in pings} == {agent.pid}
-            manager.collect(1.5)                       # stats_interval_s is 1
-            statuses = [n.get("STATUS") for n in manager.messages if "STATUS" in n]
-            assert any("frames/s" in text and "queued" in text for text in statuses), statuses
+            # stats_interval_s is 1: a STATUS= with the rate and the queue follows.
+            manager.wait_until(lambda notes: any(
+                "frames/s" in n.get("STATUS", "") and "queued" in n.get("STATUS", "")
+                for n in notes), timeout=30)
             # A stuck main loop stops pinging: this is what systemd's watchdog acts on.
             agent.send_signal(signal.SIGSTOP)
-            time.sleep(0.3)
-            manager.collect(0.2)
+            assert wait_for(lambda: process_state(agent.pid) == "T")
+            manager.collect(0.2)                       # what it sent before it stopped
             assert manager.collect(2.0, "WATCHDOG") == []
             agent.send_signal(signal.SIGCONT)
-            assert len(manager.collect(2.0, "WATCHDOG")) >= 1
+            seen = len([n for n in manager.messages if "WATCHDOG" in n])
+            manager.wait_count("WATCHDOG", seen + 1, timeout=30)
             agent.send_signal(signal.SIGTERM)
             manager.wait_for("STOPPING", "1", timeout=20)
             _, stderr = agent.communicate(timeout=60)

@@ -10,7 +10,6 @@ because opening an Outbox counts as a boot.
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from agent.can.capture import open_capture
 from agent.service.daemon import Agent, run
 from agent.errors import ConfigError, KeyFileError
 from agent.uplink.outbox import Entry, Outbox
+from agent.dev.broker import free_port
 from agent.dev.pki import init_pki
 from agent.config import PolicyConfig
 from agent.signals.policy import PublishPolicy
@@ -30,7 +30,9 @@ from agent.uplink.signing import Verifier
 from agent.dev.simulate import write_capture
 from agent.signals.state import SignalPipeline, VehicleState
 from agent.signals.vehicle import load_vehicle
-from coredata import DEMO_CONFIG, DEMO_DBC, DEMO_MAPPING, IS_LOCKED, IS_OPEN, WINDOWS
+from coredata import (DEMO_CONFIG, DEMO_DBC, DEMO_MAPPING, IS_LOCKED, IS_OPEN, RANGE, REL, TRUNK,
+                      WINDOWS)
+from support.handdecode import final_values
 
 VID = "VIN1"
 EVENTS = f"vehicles/{VID}/events"
@@ -40,13 +42,6 @@ IMMEDIATE = set(IS_OPEN) | set(IS_LOCKED) | set(WINDOWS) | {
     "Vehicle.Powertrain.FuelSystem.IsFuelLevelLow"}
 # More than one snapshot in a 5 s drive, so state entries are checked beyond the final one.
 POLICY = "policy: {snapshot_min_interval_s: 1}\n"
-
-
-def free_port() -> int:
-    """A loopback port where nothing listens (bound, read, closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_config(directory: Path, pki: Path, capture: Path, *, store: Path, port: int,
@@ -266,6 +261,30 @@ def test_claims_match_the_policy_run_offline_over_the_same_capture(runs, verifie
                                     for ch in o.changes}
             assert c["quality"] == {ch.path: ch.quality for ch in o.changes
                                     if ch.quality != VALID}
+
+
+def test_claims_match_values_written_down_for_this_drive(runs, verifier):
+    """Independent of the project's decoder and policy: the 5 s drive of seed 2 decoded by
+    hand (support.handdecode) and written down here from its raw frames."""
+    claims = claims_of(runs.after_first, verifier)
+    final = claims[-1]
+    assert final["kind"] == "state"
+    assert final["signals"] == final_values(runs.capture)
+    assert {path: final["signals"][path] for path in (
+        RANGE, REL, WINDOWS[0], IS_OPEN[0], TRUNK, "Vehicle.Exterior.AirTemperature")} == {
+        RANGE: 526000, REL: 62.0, WINDOWS[0]: 10, IS_OPEN[0]: True, TRUNK: True,
+        "Vehicle.Exterior.AirTemperature": 18.6}
+    events = [c for c in claims if c["kind"] == "event"]
+    # BodyStatus DoorFL (byte 0, bits 0-1): 0 at +0.004 s, 1 at +0.504 s, 0 at +0.904 s,
+    # 1 at +4.604 s.
+    assert [c["signals"][IS_OPEN[0]] for c in events if IS_OPEN[0] in c["signals"]] == \
+        [False, True, False, True]
+    # Cluster RangeKm: 528 km, the sentinel 1023 at +2.337 s (invalid, no value), then 527 km.
+    ranges = [(c["signals"][RANGE], c["quality"].get(RANGE, VALID)) for c in events
+              if RANGE in c["signals"]]
+    assert ranges[0] == (528000, VALID)
+    sentinel = ranges.index((None, "invalid"))
+    assert ranges[sentinel + 1] == (527000, VALID)
 
 
 # -- the second run ------------------------------------------------------------------------------

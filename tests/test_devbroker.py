@@ -8,13 +8,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 import agent.dev.broker as devbroker
 from agent.dev.broker import DevBroker, free_port
+from support.waiting import wait_for
 
 NOT_AUTHORIZED = 0x87
 
@@ -27,15 +27,6 @@ def _process_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return state in ("Z", "X")
-
-
-def _wait(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def test_config_files(broker: DevBroker, pki: Path) -> None:
@@ -101,7 +92,7 @@ def test_stop_leaves_no_process(pki: Path, tmp_path: Path) -> None:
 def test_reload_rereads_config(broker: DevBroker) -> None:
     before = broker.log_text().count("Reloading config")
     broker.reload()
-    assert _wait(lambda: broker.log_text().count("Reloading config") > before)
+    assert wait_for(lambda: broker.log_text().count("Reloading config") > before)
     assert broker.running()
 
 
@@ -164,6 +155,6 @@ def test_broker_dies_with_its_parent(pki: Path, tmp_path: Path) -> None:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         parent.stdout.close()
-    assert _wait(lambda: _process_gone(pid)), "mosquitto outlived its parent"
+    assert wait_for(lambda: _process_gone(pid)), "mosquitto outlived its parent"
     if not _process_gone(pid):  # pragma: no cover - clean up if the assertion lied
         os.kill(pid, signal.SIGKILL)

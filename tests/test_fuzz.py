@@ -16,10 +16,9 @@ never unbounded memory. Covered here, in process:
   fuzzed in tests/test_snapshot.py); the cloud watcher's ``MessageChecker`` gets
   random topics and payloads, forged and validly signed tokens with wrong claim types.
 
-Everything is derandomized (reproducible in CI). Known bugs are pinned by
-``xfail(strict=True)`` tests at the end of each section: when one is fixed its test XPASSes,
-fails the run, and the marker (and the matching exclusion in the strategies, marked
-"KNOWN BUG") should be removed.
+Everything is derandomized (reproducible in CI). A known bug is pinned by an
+``xfail(strict=True)`` test: when it is fixed the test XPASSes and fails the run, and the
+marker (and any exclusion in the strategies that worked around it) must go.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ import random
 import signal
 import resource
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -59,6 +57,7 @@ from agent.signals.model import INVALID, KNOWN_VSS, QUALITIES, STALE, VALID
 from agent.uplink.signing import Signer, Verifier, b64url_encode
 from agent.signals.state import SignalPipeline
 from agent.signals.vehicle import load_vehicle
+from coredata import one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -70,9 +69,6 @@ SHARED_DBCS = sorted(SHARED.glob("*.dbc")) if SHARED.is_dir() else []
 FUZZ = dict(deadline=None, derandomize=True, database=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                    HealthCheck.data_too_large, HealthCheck.filter_too_much])
-
-#: Every character str.splitlines() splits on.
-LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -116,10 +112,6 @@ def note(label: str) -> None:
         event(label)
     except InvalidArgument:   # not inside a Hypothesis test
         pass
-
-
-def one_line(text: str) -> bool:
-    return bool(text) and len(text.splitlines()) == 1 and not any(c in text for c in LINE_BREAKS)
 
 
 def check_user_error(exc: BaseException, *files: Path) -> str:
@@ -494,7 +486,7 @@ _HOSTILE = {
 
 @pytest.mark.parametrize("name", sorted(_HOSTILE))
 def test_config_hostile_yaml_is_bounded(work, name):
-    """Deep nesting, huge strings, bombs, tags, encodings: an answer within seconds and little
+    """Deep nesting, huge strings, bombs, tags, encodings: an answer (no hang) and little
     memory (aliases must not be expanded into copies)."""
     path = fresh(work, f"{name}.yaml")
     text = _HOSTILE[name]
@@ -506,13 +498,10 @@ def test_config_hostile_yaml_is_bounded(work, name):
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
     for loader in (load_config,):   # the mapping loader: test_vehicle_with_hostile_mapping
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
-        started = time.monotonic()
-        _, exc = outcome(loader, path, limit=10)
-        elapsed = time.monotonic() - started
+        _, exc = outcome(loader, path, limit=10)       # a hang fails; speed is not judged
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
         if exc is not None:
             check_user_error(exc, path)
-        assert elapsed < 5, f"{name}: {elapsed:.1f} s"
         assert grown < 256 * 1024, f"{name}: peak memory grew by {grown / 1024:.0f} MiB"
 
 
@@ -685,9 +674,7 @@ def test_vehicle_with_hostile_mapping(work, name):
     path = fresh(work, "mapping.yaml")
     path.write_text(_HOSTILE_MAPPINGS[name], encoding="utf-8")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.monotonic()
     check_vehicle(vehicle_config(path.parent, path), path)
-    assert time.monotonic() - started < 5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 256 * 1024
 
 
@@ -765,10 +752,6 @@ def check_dbc(path: Path) -> None:
     assert isinstance(exc, ConfigError), f"{type(exc).__name__}: {exc}"
     message = str(exc)
     assert one_line(message), repr(message)
-    # KNOWN BUG (test_truncated_non_strict_dbc_error_names_the_file): a DBC that only loads
-    # without cantools' strict checks, when truncated, gives this message without the path.
-    if message.startswith("looks truncated or damaged"):
-        return
     assert str(path) in message, message
 
 
@@ -998,8 +981,10 @@ def read_capture(path: Path, fmt: str | None = None, channel: str | None = None,
     assert reader.frames == len(frames)
     note(f"{reader.format}: {'frames' if frames or reader.other_channel else 'no frames'}"
           f"{', malformed' if reader.malformed else ''}{', error' if reader.error else ''}")
-    assert reader.malformed >= 0 and reader.other_channel >= 0
     summary = reader.malformed_summary()
+    # Nothing to report exactly when nothing was skipped and nothing failed.
+    assert (summary is None) == (reader.malformed == 0 and not reader.error), \
+        (summary, reader.malformed, reader.error)
     assert summary is None or (one_line(summary) and str(path) in summary), repr(summary)
     for msg in frames:
         assert 0 <= msg.arbitration_id <= 0x1FFFFFFF, msg
@@ -1046,10 +1031,9 @@ def test_capture_line_soups(work, data, kind, ending, channel):
        prefix=st.sampled_from([b"", b"date Mon Jan 1 00:00:00.000 am 2024\nbase hex  timestamps"
                                b" absolute\n", b";$FILEVERSION=2.1\n;$STARTTIME=1\n;$COLUMNS="
                                b"N,O,T,B,I,d,R,L,D\n", b"(1.0) can0 123#", b"LOGG"]),
-       suffix=st.sampled_from([".log", ".asc", ".trc", ".blf", ".blf.gz"]))
+       suffix=st.sampled_from([".log", ".asc", ".trc", ".blf", ".log.gz", ".asc.gz", ".trc.gz",
+                               ".blf.gz"]))
 def test_capture_random_bytes(work, blob, prefix, suffix):
-    # KNOWN BUG: random bytes as .log.gz/.asc.gz/.trc.gz crash or loop forever
-    # (test_damaged_gzip_capture_* below), so the text formats are fed valid gzip only.
     path = fresh(work, f"capture{suffix}")
     data = prefix + blob
     path.write_bytes(data)
@@ -1332,7 +1316,8 @@ _B64 = st.binary(max_size=80).map(b64url_encode) | st.text(
     alphabet="ABCDEFabcdef0123456789-_+/=.", max_size=40)
 _HEADER = st.fixed_dictionaries(
     {"alg": st.sampled_from(["ES256", "EdDSA", "none", "HS256", "RS256"])
-     | st.text(alphabet=_SAFE_CHARS, max_size=6) | _JSON},   # KNOWN BUG: no line breaks in alg
+     | st.text(alphabet=_SAFE_CHARS, max_size=6)
+     | st.sampled_from(["ES\n256", "\r\n", "none\u2028", "\x85"]) | _JSON},
     optional={"kid": st.text(max_size=8) | _JSON, "typ": _JSON, "crit": _JSON})
 _TOPICS = st.one_of(
     st.sampled_from(["vehicles/VIN1/events", "vehicles/VIN1/state", "vehicles/VIN1/status",

@@ -680,3 +680,47 @@ def test_readme_documents_the_policy_keys():
     for key in ("immediate", "deadband", "min_interval_s", "snapshot_min_interval_s",
                 "heartbeat_s", "max_messages_per_s", "max_pending_batches"):
         assert key in readme, key
+
+
+# -- overlapping deadband patterns: the first match wins --------------------------------------
+
+
+@pytest.mark.parametrize("bands, inside, outside", [
+    # The specific pattern first: its 100 m band applies, not the catch-all's 5000 m.
+    ((("*.FuelSystem.Range", 100.0), ("Vehicle.*", 5000.0)), 99, 100),
+    # The catch-all first: it shadows the specific pattern written after it.
+    ((("Vehicle.*", 5000.0), ("*.FuelSystem.Range", 100.0)), 4999, 5000),
+])
+def test_first_matching_deadband_pattern_wins(bands, inside, outside):
+    policy = started(paths=(RANGE,), initial={RANGE: 500_000}, deadband=bands)
+    t = T0 + 20.0
+    assert events(step(policy, t, ch(t, RANGE, 500_000 + inside))) == []
+    t += 20.0
+    out = step(policy, t, ch(t, RANGE, 500_000 + outside))
+    assert [c.value for c in events(out)] == [500_000 + outside]
+
+
+def test_deadband_patterns_keep_the_order_written_in_the_config(tmp_path):
+    config = load_policy(tmp_path, "policy:\n  min_interval_s: 0\n  deadband:\n"
+                                   "    Vehicle.*: 5000\n    '*.FuelSystem.Range': 100\n")
+    assert config.deadband == (("Vehicle.*", 5000.0), ("*.FuelSystem.Range", 100.0))
+    policy = PublishPolicy((RANGE,), config)
+    step(policy, T0, ch(T0, RANGE, 500_000))
+    t = T0 + 1.0
+    assert events(step(policy, t, ch(t, RANGE, 504_999))) == []
+    assert [c.value for c in events(step(policy, t + 1, ch(t + 1, RANGE, 505_000)))] == [505_000]
+
+
+# -- the rate cap's bucket: one token at most, one token per message ---------------------------
+
+
+def test_a_long_silence_saves_up_no_more_than_one_message():
+    policy = started(paths=(DOOR,), initial={DOOR: False}, max_messages_per_s=1.0,
+                     snapshot_min_interval_s=1000.0, heartbeat_s=1000.0)
+    t = T0 + 100.0                                   # 100 s without a message
+    # Three changes of one signal at one instant: three batches (no state is dropped).
+    policy.observe([ch(t, DOOR, True), ch(t, DOOR, False), ch(t, DOOR, True)])
+    assert [[c.value for c in item.changes] for item in policy.due(t)] == [[True]]
+    assert policy.due(t + 0.5) == []                 # half a token
+    assert [[c.value for c in item.changes] for item in policy.due(t + 1.0)] == [[False]]
+    assert [[c.value for c in item.changes] for item in policy.due(t + 2.0)] == [[True]]

@@ -23,9 +23,13 @@ from pathlib import Path
 import can
 import pytest
 
+import can.interfaces.virtual
+
+import agent.dev.replay as replay_module
 from agent.can.capture import format_candump
 from agent.errors import UserError
 from agent.dev.replay import (
+    SLEEP_THRESHOLD_S,
     Flood,
     Gap,
     ReplayOptions,
@@ -38,6 +42,7 @@ from agent.dev.replay import (
     replay,
     terminal_progress,
 )
+from support.waiting import SimulatedTime
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = [sys.executable, "-m", "agent"]
@@ -93,6 +98,16 @@ def vbus():
     yield open_
     for bus in opened:
         bus.shutdown()
+
+
+@pytest.fixture
+def simulated(monkeypatch) -> SimulatedTime:
+    """Replay's clock and sleeps, and the virtual bus's receive stamps, on simulated time:
+    timing is checked exactly, whatever the machine's speed."""
+    sim = SimulatedTime()
+    monkeypatch.setattr(replay_module, "time", sim)
+    monkeypatch.setattr(can.interfaces.virtual, "time", sim)
+    return sim
 
 
 def opts(channel: str, **kw) -> ReplayOptions:
@@ -232,7 +247,7 @@ def test_loop_with_window_repeats_the_window(tmp_path, vbus):
     assert summary.sent == 8
 
 
-def test_loop_with_start_continues_without_a_pause(tmp_path, vbus):
+def test_loop_with_start_continues_without_a_pause(tmp_path, vbus, simulated):
     # Frames 0.0 .. 1.0 s (11); window from 0.75: 0.8, 0.9, 1.0, then the next loop should
     # continue one mean frame gap (0.1 s) later. The bug makes it 0.9 s.
     frames = periodic(11, 0.1)
@@ -242,7 +257,7 @@ def test_loop_with_start_continues_without_a_pause(tmp_path, vbus):
     got = drain(rx)
     assert [bytes(m.data)[1] for m in got] == [8, 9, 10, 8, 9, 10]
     pause = got[3].timestamp - got[2].timestamp
-    assert pause < 0.5, f"{pause:.3f} s between loops (expected ~0.1 s)"
+    assert pause == pytest.approx(0.1, abs=0.001), f"{pause:.3f} s between loops"
 
 
 # -- --map: channels to buses ------------------------------------------------------------------
@@ -446,21 +461,20 @@ def test_faults_together(tmp_path, vbus):
 
 # -- timing -------------------------------------------------------------------------------------
 
-def test_timing_speed_10(tmp_path, vbus):
-    # 2 s capture (201 frames, 10 ms apart) at speed 10: about 0.2 s of wall time.
+def test_timing_speed_10(tmp_path, vbus, simulated):
+    # 2 s capture (201 frames, 10 ms apart) at speed 10: 0.2 s of (simulated) time, each
+    # frame at (t - t0) / 10 after the first.
     frames = periodic(201, 0.01)
     capture = write_candump(tmp_path / "a.log", frames)
     name, rx = vbus()
-    began = time.monotonic()
     summary = replay(capture, opts(name, timing=True, speed=10.0))
-    wall = time.monotonic() - began
     got = drain(rx)
     assert [key(m) for m in got] == [key(m) for m in frames]
-    assert 0.1 < wall < 2.0
-    assert 0.1 < summary.wall_s < 2.0
-    assert 0.1 < got[-1].timestamp - got[0].timestamp < 2.0
+    sent_at = [m.timestamp - got[0].timestamp for m in got]
+    assert sent_at == pytest.approx([i * 0.001 for i in range(201)], abs=SLEEP_THRESHOLD_S)
+    assert summary.wall_s == pytest.approx(0.2, abs=SLEEP_THRESHOLD_S)
     p50 = summary.percentile(0.5)
-    assert p50 is not None and 0.0 <= p50 < 0.1
+    assert p50 is not None and 0.0 <= p50 <= SLEEP_THRESHOLD_S
     assert summary.percentile(0.99) >= p50
     assert "timing error p50" in summary.line()
 
@@ -475,7 +489,7 @@ def test_no_timing_sends_all_without_timing_statistics(tmp_path, vbus):
     assert "timing error" not in summary.line()
 
 
-def test_progress_callback(tmp_path, vbus):
+def test_progress_callback(tmp_path, vbus, simulated):
     frames = periodic(61, 0.01)                           # 0.6 s
     capture = write_candump(tmp_path / "a.log", frames)
     name, rx = vbus()
@@ -857,7 +871,6 @@ def test_cli_sigterm_stops_the_replay_with_a_summary_and_exit_130(tmp_path):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the replay never installed its SIGTERM handler"
             time.sleep(0.02)
-        time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -867,4 +880,29 @@ def test_cli_sigterm_stops_the_replay_with_a_summary_and_exit_130(tmp_path):
     assert proc.returncode == 130, err
     found = re.search(r"replay: (\d+) frames sent", err)
     assert found, err
-    assert 0 < int(found.group(1)) < 301
+    assert int(found.group(1)) < 301
+
+
+def test_cli_a_transmit_queue_that_stays_full_is_exit_2_with_one_line(tmp_path, vbus, simulated,
+                                                                      monkeypatch, capsys):
+    """README: replay exits 2 with one line when the transmit queue stays full for 2 s."""
+    from agent.cli import main
+
+    capture = write_candump(tmp_path / "a.log", periodic(5, 0.01))
+    name, rx = vbus()
+    attempts = []
+
+    def full(self, msg, timeout=None):
+        attempts.append(simulated.monotonic())
+        raise can.CanOperationError("Transmit buffer full")
+
+    monkeypatch.setattr(can.interfaces.virtual.VirtualBus, "send", full)
+    code = main(["replay", str(capture), "--interface", "virtual", "--channel", name,
+                 "--no-timing", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.splitlines() == ["car-agent replay: error: transmit queue full for 2 s: the bus "
+                                "does not take frames"]
+    assert drain(rx) == []
+    # It kept retrying the first frame for 2 s (of simulated time), not one attempt, not forever.
+    assert attempts[-1] - attempts[0] == pytest.approx(2.0, abs=0.01) and len(attempts) > 100

@@ -456,13 +456,12 @@ _TOKENS = st.one_of(
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_TOKENS)
-def test_verify_only_returns_or_raises_verification_error(token: str | bytes) -> None:
-    try:
-        header, claims = VERIFIER.verify(token)
-    except VerificationError as exc:
-        assert exc.reason in {"malformed", "unsupported alg", "unknown kid", "alg mismatch", "bad signature"}
-    else:  # pragma: no cover - forging a signature would be news
-        assert isinstance(header, dict) and isinstance(claims, dict)
+def test_verify_rejects_every_token_no_trusted_key_signed(token: str | bytes) -> None:
+    # None of these tokens was signed by a key the verifier trusts: each must be rejected.
+    with pytest.raises(VerificationError) as info:
+        VERIFIER.verify(token)
+    assert info.value.reason in {"malformed", "unsupported alg", "unknown kid", "alg mismatch",
+                                 "bad signature"}
 
 
 @settings(max_examples=60, deadline=None)

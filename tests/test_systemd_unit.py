@@ -103,6 +103,8 @@ def test_unit_settings_the_agent_relies_on() -> None:
     assert last("NotifyAccess") == "main"
     assert re.fullmatch(r"[1-9][0-9]*s?", last("WatchdogSec"))
     assert last("Restart") == "on-failure"
+    # A configuration mistake exits 2 and must fail the unit visibly, not restart in a loop.
+    assert "2" in _effective_list(unit[("Service", "RestartPreventExitStatus")])
     assert last("ExecStart").split()[1:] == ["run", "--config", "/etc/car-agent/config.yaml"]
     families = _effective_list(unit[("Service", "RestrictAddressFamilies")])
     assert "AF_CAN" in families

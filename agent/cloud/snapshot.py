@@ -18,7 +18,6 @@ The caller owns the paho client (``status``: a short-lived one; ``serve``: a lon
 
 from __future__ import annotations
 
-import re
 import secrets
 import threading
 import time

@@ -1,1 +1,2 @@
-"""Helpers the test suites share (real components started for a test)."""
+"""Helpers shared by test modules (real components started for a test; no test module
+imports another test module)."""
