@@ -47,6 +47,8 @@ def test_metrics_payload_schema(tmp_path, pki, broker):
     outbox = metrics["outbox"]
     assert set(outbox) >= {"queued", "bytes", "dropped_full", "dropped_age", "refused",
                            "store_errors"}
+    stream = outbox.pop("stream")       # the outbox's random stream id, signed as "stream"
+    assert isinstance(stream, str) and len(stream) == 20 and int(stream, 16) >= 0
     assert all(type(v) is int for v in outbox.values()), outbox
     assert (outbox["dropped_full"], outbox["dropped_age"], outbox["refused"],
             outbox["store_errors"]) == (0, 0, 0, 0)

@@ -442,7 +442,7 @@ def test_a_real_agent_answers_the_owner_s_refresh(tmp_path, pki, broker, service
     """The whole chain: CAN frames -> the real agent -> signed snapshot on serve's response
     topic -> store -> the owner's answer over HTTP."""
     from coredata import BODY_ID, CLUSTER_ID, OPEN, body_payload, cluster_payload
-    from test_snapshot import RunningAgent
+    from support.live_agent import RunningAgent
 
     (tmp_path / "car").mkdir()
     with RunningAgent(tmp_path / "car", pki, broker.port) as car:

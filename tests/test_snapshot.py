@@ -18,7 +18,6 @@ import time
 import uuid
 from pathlib import Path
 
-import can
 import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -40,7 +39,9 @@ from agent.uplink.requests import (CORRELATION_TOO_LONG, FOREIGN_RESPONSE_TOPIC,
                                    OVERSIZED, QUEUE_FULL, RATE_LIMITED, SnapshotRequest,
                                    SnapshotRequests)
 from agent.uplink.signing import Signer, Verifier
-from coredata import (BODY_ID, CLUSTER_ID, DEMO_DBC, DEMO_MAPPING, OPEN, RANGE, REL,
+from support.live_agent import RunningAgent, agent_yaml
+from support.waiting import wait_for
+from coredata import (BODY_ID, CLUSTER_ID, OPEN, RANGE, REL,
                       body_payload, cluster_payload)
 
 NOT_AUTHORIZED = 0x87
@@ -299,17 +300,11 @@ def test_outbox_keeps_correlation_data_and_upgrades_an_old_file(tmp_path):
         assert outbox.pending(10)[1].correlation == b"\x00corr"
 
 
-def _agent_yaml(tmp_path: Path, extra: str) -> Path:
-    path = tmp_path / "agent.yaml"
-    path.write_text(f"vehicle_id: VIN1\ndbc: [{DEMO_DBC}]\nmapping: {DEMO_MAPPING}\n{extra}")
-    return path
-
-
 def test_cmd_config_defaults_and_keys(tmp_path):
-    config = load_config(_agent_yaml(tmp_path, ""))
+    config = load_config(agent_yaml(tmp_path, ""))
     assert (config.cmd.enabled, config.cmd.snapshot_rate, config.cmd.snapshot_burst) == \
         (True, 0.5, 3)
-    config = load_config(_agent_yaml(tmp_path, "cmd: {enabled: false, snapshot_rate: 2, "
+    config = load_config(agent_yaml(tmp_path, "cmd: {enabled: false, snapshot_rate: 2, "
                                                "snapshot_burst: 10}\n"))
     assert (config.cmd.enabled, config.cmd.snapshot_rate, config.cmd.snapshot_burst) == \
         (False, 2.0, 10)
@@ -328,7 +323,7 @@ def test_check_config_says_whether_requests_are_answered(tmp_path, pki):
                         ("cmd: {snapshot_rate: 2, snapshot_burst: 7}\n",
                          "  snapshot requests: vehicles/VIN1/cmd/snapshot, 2/s, burst 7")):
         result = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config",
-                                 str(_agent_yaml(tmp_path, mqtt_yaml + extra))],
+                                 str(agent_yaml(tmp_path, mqtt_yaml + extra))],
                                 capture_output=True, text=True, timeout=60, cwd=REPO)
         assert result.returncode == 0, result.stderr
         assert line in result.stdout.splitlines()
@@ -342,7 +337,7 @@ def test_check_config_says_whether_requests_are_answered(tmp_path, pki):
 ])
 def test_cmd_config_errors_name_the_key(tmp_path, text, words):
     with pytest.raises(ConfigError) as info:
-        load_config(_agent_yaml(tmp_path, text + "\n"))
+        load_config(agent_yaml(tmp_path, text + "\n"))
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
@@ -354,7 +349,7 @@ def test_daemon_answers_through_the_outbox_and_survives_a_full_disk(tmp_path, pk
 
     capture = tmp_path / "empty.log"
     capture.write_text("")
-    config = _agent_yaml(tmp_path, f"""\
+    config = agent_yaml(tmp_path, f"""\
 can: {{capture: {capture}}}
 signing: {{key: {pki / 'VIN1.signing.key'}}}
 mqtt: {{host: 127.0.0.1, port: {free_port()}, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'},
@@ -388,60 +383,6 @@ store: {{path: {tmp_path / 'outbox.db'}}}
 
 
 # --------------------------------------------------------------------------- through mosquitto
-
-
-class RunningAgent:
-    """The real pipeline (Agent.run) in a thread, reading a python-can virtual bus."""
-
-    def __init__(self, tmp_path: Path, pki: Path, port: int, extra: str = "") -> None:
-        from agent.service.daemon import Agent
-
-        channel = f"h3-{uuid.uuid4().hex[:8]}"
-        config = _agent_yaml(tmp_path, f"""\
-can: {{interface: virtual, channel: {channel}}}
-signing: {{key: {pki / 'VIN1.signing.key'}}}
-mqtt: {{host: 127.0.0.1, port: {port}, ca: {pki / 'ca.crt'}, cert: {pki / 'VIN1.crt'},
-        key: {pki / 'VIN1.key'}, reconnect_min_s: 0.1, reconnect_max_s: 0.5}}
-store: {{path: {tmp_path / 'outbox.db'}}}
-policy: {{snapshot_min_interval_s: 3600, heartbeat_s: 3600}}
-logging: {{stats_interval_s: 1}}
-{extra}
-""")
-        for key in ("VIN1.signing.key", "VIN1.key"):
-            (pki / key).chmod(0o600)
-        self.agent = Agent(config)
-        self.bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
-        self.result = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self._sending = threading.Event()
-        self._sender: threading.Thread | None = None
-
-    def _run(self) -> None:
-        self.result = self.agent.run()
-
-    def __enter__(self) -> "RunningAgent":
-        self.thread.start()
-        assert self.agent.uplink.connected.wait(15), self.agent.uplink.last_error
-        return self
-
-    def keep_sending(self, frames: dict[int, bytes], period: float = 0.05) -> None:
-        """Send these frames every ``period`` s, as ECUs do (signals go stale otherwise)."""
-        def send() -> None:
-            while not self._sending.wait(period):
-                for can_id, data in frames.items():
-                    self.bus.send(can.Message(arbitration_id=can_id, data=data,
-                                              is_extended_id=False))
-        self._sender = threading.Thread(target=send, daemon=True)
-        self._sender.start()
-
-    def __exit__(self, *exc) -> None:
-        self._sending.set()
-        if self._sender is not None:
-            self._sender.join(5)
-        self.agent.request_stop()
-        self.thread.join(30)
-        self.bus.shutdown()
-        assert not self.thread.is_alive()
 
 
 class Cloud:
@@ -514,7 +455,7 @@ def test_request_is_answered_with_a_signed_snapshot_echoing_the_correlation_data
     with RunningAgent(tmp_path, pki, broker.port) as car:
         car.keep_sending({CLUSTER_ID: cluster_payload(fuel=100, range_km=512, litres=300),  # 40 %
                           BODY_ID: body_payload(doors=(OPEN, 0, 0, 0), locks=(1, 1, 1, 1))})
-        assert _wait(lambda: car.agent.pipeline.state.snapshot(time.time())[RANGE]["value"]
+        assert wait_for(lambda: car.agent.pipeline.state.snapshot(time.time())[RANGE]["value"]
                      == 512_000)
         asker = cloud("vehicles/VIN1/snapshot/+")
         request = make_request("vehicles", "VIN1", "status-1")
@@ -534,15 +475,6 @@ def test_request_is_answered_with_a_signed_snapshot_echoing_the_correlation_data
         assert correlation == request.correlation and len(correlation) == 16
         counters = car.agent.uplink.requests.counters
         assert (counters.received, counters.accepted, counters.answered) == (1, 1, 1)
-
-
-def _wait(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.mark.mqtt

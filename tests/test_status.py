@@ -20,7 +20,8 @@ import pytest
 from agent.dev.pki import revoke
 from agent.uplink.signing import Signer, b64url_decode, b64url_encode
 from coredata import BODY_ID, CLUSTER_ID, OPEN, RANGE, REL, REPO, body_payload, cluster_payload
-from test_snapshot import RunningAgent, _wait
+from support.live_agent import RunningAgent
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.mqtt
 
@@ -85,7 +86,7 @@ def test_old_state_is_refreshed_by_the_running_agent(tmp_path, pki, broker, mqtt
     with RunningAgent(tmp_path, pki, broker.port) as car:
         car.keep_sending({CLUSTER_ID: cluster_payload(fuel=100, range_km=512, litres=300),  # 40 %
                           BODY_ID: body_payload(doors=(OPEN, 0, 0, 0), locks=(1, 1, 1, 1))})
-        assert _wait(lambda: car.agent.pipeline.state.snapshot(time.time())[RANGE]["value"]
+        assert wait_for(lambda: car.agent.pipeline.state.snapshot(time.time())[RANGE]["value"]
                      == 512_000)
         # The state retained from an hour ago, seq 1 of the same outbox (the agent itself sends
         # no state here: heartbeat 1 h; its events took the next seqs of this boot).
