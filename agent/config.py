@@ -14,8 +14,19 @@ from pathlib import Path
 from agent.errors import ConfigError
 from agent.schema import Section, describe, load_yaml
 
-#: Vehicle ids end up in MQTT topics and certificate CNs: no wildcards, separators or spaces.
-VEHICLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: The one vehicle-id rule (config, `pki init --vehicle`, topics, the `vid` claim, JWKS keys).
+#: Ids end up in MQTT topics, certificate CNs and the dev PKI's file names: no wildcards,
+#: separators or spaces, and no "." (``A.signing`` would name vehicle A's signing files).
+VEHICLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+VEHICLE_ID_RULE = "1-64 of A-Z a-z 0-9 _ -, starting with a letter or digit"
+
+
+def vehicle_id_problem(value: object) -> str | None:
+    """Why ``value`` is not a vehicle id (the same words everywhere), or None if it is one."""
+    if isinstance(value, str) and VEHICLE_ID_PATTERN.fullmatch(value):
+        return None
+    shown = repr(value[:70]) if isinstance(value, str) else describe(value)
+    return f"{shown} is not a valid vehicle id ({VEHICLE_ID_RULE})"
 CAPTURE_FORMATS = ("candump", "asc", "blf", "trc")
 
 # The publish policy's knobs (agent.signals.policy applies them).
@@ -129,9 +140,9 @@ def load_config(path: str | Path) -> AgentConfig:
     top.reject_unknown(TOP_KEYS)
 
     vehicle_id = top.text("vehicle_id", required=True)
-    if not VEHICLE_ID_PATTERN.fullmatch(vehicle_id):
-        raise top.error("vehicle_id", f"{vehicle_id[:70]!r} is not a valid vehicle id "
-                                      "(1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)")
+    problem = vehicle_id_problem(vehicle_id)
+    if problem:
+        raise top.error("vehicle_id", problem)
 
     dbc_value = top.data.get("dbc")
     if isinstance(dbc_value, (str, int)) and not isinstance(dbc_value, bool):
