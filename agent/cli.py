@@ -157,6 +157,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  {len(decoder.paths)} VSS signals from {len(decoder.frame_keys)} frame id(s):")
     for line in decoder.describe():
         print(f"    {line}")
+    for note in decoder.notes:
+        print(f"  note: {note}")
     if config.can is None:
         print("  source: none (can: missing; `decode` still works)")
     elif config.can.capture is not None:
@@ -199,17 +201,17 @@ def cmd_decode(args: argparse.Namespace) -> int:
             out.write(dumps(change.as_dict()) + "\n")
             changes += 1
         out.flush()
+        if reader.not_a_capture:
+            raise UserError(f"{reader.path}: {reader.error}")
         counters = pipeline.decoder.counters
         error, reader.error = reader.error, None      # reported last, as the command's error
         summary = reader.malformed_summary()
         if summary:
             print(summary, file=sys.stderr)
-        print(f"{reader.path}: {reader.frames} frames ({counters.decoded} decoded, "
-              f"{counters.unchanged} unchanged, {counters.unmapped} unmapped, "
-              f"{counters.error_frames} error frames, {counters.wrong_length} wrong length, "
-              f"{counters.undecodable} undecodable"
-              + (f", {reader.other_channel} on other channels" if reader.other_channel else "")
-              + f"), {changes} signal changes", file=sys.stderr)
+        # Every frame in one named bucket: the buckets add up to the frame count.
+        print(f"{reader.path}: {counters.summary()}"
+              + (f"; {reader.other_channel} on other channels" if reader.other_channel else "")
+              + f"; {changes} signal changes", file=sys.stderr)
     if error:
         # A capture that could not be read to its end: the output above is incomplete.
         raise UserError(f"{reader.path}: {error}")

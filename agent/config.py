@@ -7,6 +7,7 @@ are needed by every command; the others are checked by the commands that use the
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,7 @@ class AgentConfig:
     vehicle_id: str
     dbc: tuple[Path, ...]
     mapping: Path
+    dbc_encodings: tuple[str | None, ...] = ()   # per DBC file: text encoding, None = detect
     can: CanConfig | None = None
     signing: SigningConfig | None = None
     mqtt: MqttConfig | None = None
@@ -150,12 +152,13 @@ def load_config(path: str | Path) -> AgentConfig:
     if not isinstance(dbc_value, list) or not dbc_value:
         raise top.error("dbc", "expected one DBC path or a non-empty list of them")
     dbc_section = Section({str(i): v for i, v in enumerate(dbc_value)}, file, "dbc")
-    dbc = tuple(dbc_section.path_value(str(i), required=True) for i in range(len(dbc_value)))
+    dbc, encodings = zip(*(_dbc_entry(dbc_section, str(i)) for i in range(len(dbc_value))))
 
     return AgentConfig(
         file=file,
         vehicle_id=vehicle_id,
-        dbc=dbc,
+        dbc=tuple(dbc),
+        dbc_encodings=tuple(encodings),
         mapping=top.path_value("mapping", required=True),
         can=_can(top.section("can")),
         signing=_signing(top.section("signing")),
@@ -165,6 +168,23 @@ def load_config(path: str | Path) -> AgentConfig:
         policy=_policy(top.section("policy")),
         security=_security(top.section("security")),
     )
+
+
+def _dbc_entry(dbc: Section, index: str) -> tuple[Path, str | None]:
+    """One ``dbc`` entry: a path, or ``{path: ..., encoding: ...}`` (the encoding overrides
+    detection: UTF-8 when the file is valid UTF-8, else cp1252)."""
+    if not isinstance(dbc.data.get(index), dict):
+        return dbc.path_value(index, required=True), None
+    entry = dbc.section(index)
+    entry.reject_unknown(("path", "encoding"))
+    encoding = entry.text("encoding")
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise entry.error("encoding", f"unknown text encoding {encoding[:40]!r} (e.g. "
+                                          "utf-8, cp1252, latin-1)") from None
+    return entry.path_value("path", required=True), encoding
 
 
 def _can(s: Section | None) -> CanConfig | None:

@@ -8,6 +8,7 @@ copy of the reader (header state kept) on the rest of the file, so one bad line 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import zlib
 from typing import IO, Callable, Iterator
@@ -15,6 +16,11 @@ from typing import IO, Callable, Iterator
 import can
 
 from .base import CaptureReader, finite, read_line
+
+# python-can's text readers log a warning per line they cannot parse; we count and report
+# those lines ourselves (once, with line numbers), so their per-line warnings are noise.
+logging.getLogger("can.io.trc").setLevel(logging.ERROR)
+logging.getLogger("can.io.asc").setLevel(logging.ERROR)
 
 _READERS = {"asc": can.ASCReader, "trc": can.TRCReader, "blf": can.BLFReader}
 # Vector tools number channels from 1; python-can reports them from 0.
