@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import settings
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -21,6 +22,12 @@ from agent.dev.broker import DevBroker, find_mosquitto
 from agent.dev.pki import init_pki
 
 VEHICLES = ["VIN1", "VIN2"]
+
+# CI runs every property test derandomised (the same examples on every run, reproducible);
+# locally Hypothesis explores new examples each time.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 # tests/guest needs a kernel with vcan: `make test` runs it inside tools/vcan-vm with
 # CAR_AGENT_IN_VCAN=1; a plain `pytest tests` on a host without vcan leaves it out.
