@@ -239,7 +239,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.service.daemon import run
 
     result = run(args.config, args.drain_timeout, debug=args.debug)
-    print(f"car-agent run: {result.message}", file=sys.stderr)
+    print(_masked(args, f"car-agent run: {result.message}"), file=sys.stderr)
     return result.exit_code
 
 
@@ -308,6 +308,23 @@ def cmd_watch(args: argparse.Namespace) -> int:
                       duration=args.duration)
 
 
+def _masked(args: argparse.Namespace, line: str) -> str:
+    """``line`` with the vehicle id masked when the config asks for it (``logging.mask_vin``):
+    the last line a command prints goes to the same journal as its log lines."""
+    config_path = getattr(args, "config", None)
+    if config_path is None or args.command == "watch":
+        return line
+    try:
+        from agent.config import load_config
+
+        config = load_config(config_path)
+    except Exception:  # noqa: BLE001 - an unreadable config has no vehicle id to hide
+        return line
+    if not config.logging.mask_vin:
+        return line
+    return line.replace(config.vehicle_id, logsetup.mask_vin(config.vehicle_id))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -317,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"car-agent {args.command}: error: {exc}", file=sys.stderr)
+        print(_masked(args, f"car-agent {args.command}: error: {exc}"), file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         return 130

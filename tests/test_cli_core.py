@@ -268,3 +268,27 @@ def test_simulate_unwritable_output_is_one_line(tmp_path):
                  "--out", str(target))
     line = assert_one_line_error(result, "simulate")
     assert f"{target}: cannot write capture" in line
+
+
+def test_mask_vin_also_masks_the_final_error_line(tmp_path):
+    """Issue 13.12: with logging.mask_vin the last line (an error naming a file after the
+    vehicle) does not leak the vehicle id either."""
+    vin = "WVWZZZ1JZXW000001"
+    config = write(tmp_path / "car.yaml", f"""\
+vehicle_id: {vin}
+dbc: {DEMO_DBC}
+mapping: {REPO / "config" / "mapping" / "demo_vehicle.yaml"}
+can: {{interface: virtual, channel: mask-test}}
+signing: {{key: keys/{vin}.signing.key}}
+mqtt: {{host: 127.0.0.1, ca: keys/ca.crt, cert: keys/{vin}.crt, key: keys/{vin}.key}}
+store: {{path: outbox.db}}
+logging: {{mask_vin: true}}
+""")
+    result = run("run", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("car-agent run: error: ") and "*" * 13 + "0001" in last, last
+    assert vin not in result.stderr, result.stderr
+    # Without mask_vin the same line names the vehicle.
+    write(config, config.read_text().replace("logging: {mask_vin: true}\n", ""))
+    assert vin in run("run", "--config", str(config)).stderr.strip().splitlines()[-1]

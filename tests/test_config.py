@@ -323,3 +323,20 @@ def test_vehicle_ids_valid_everywhere(tmp_path):
         assert load_config(write(tmp_path / "c.yaml", f"vehicle_id: {vid}\n"
                                  "dbc: [a.dbc]\nmapping: m.yaml\n")).vehicle_id == vid
     assert init_pki(tmp_path / "p", ["car_7-b"])["vehicles_added"] == ["car_7-b"]
+
+
+@pytest.mark.parametrize("text, expected", [("1e3", 1000.0), ("2.5E-1", 0.25), ("+4e+2", 400.0),
+                                            ("1000", 1000.0), ("1.5", 1.5)])
+def test_numbers_with_an_exponent_are_numbers(tmp_path, text, expected):
+    """Issue 13.12: YAML 1.1 reads `1e3` as a string; a mapping's `scale: 1e3` is 1000."""
+    mapping = load_mapping(write(tmp_path / "m.yaml", "signals:\n  Vehicle.Test.X:\n"
+                                 f"    message: M\n    signal: S\n    scale: {text}\n"))
+    assert mapping.signals[0].scale == expected
+    cfg = load_config(write(tmp_path / "c.yaml", BASE + f"policy: {{min_interval_s: {text}}}\n"))
+    assert cfg.policy.min_interval_s == expected
+
+
+def test_exponent_text_is_still_text_where_text_is_expected(tmp_path):
+    assert load_config(write(tmp_path / "c.yaml", BASE.replace("VIN1", "1e3"))).vehicle_id == "1e3"
+    path = write(tmp_path / "c2.yaml", BASE + "mqtt: {host: h, port: 8e3, ca: a, cert: b, key: c}\n")
+    assert "mqtt.port: expected an integer, got str '8e3'" in config_error(path)
