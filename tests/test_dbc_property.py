@@ -2,7 +2,7 @@
 
 For every DBC of the `opendbc` package (its 60-odd vehicle files under ``opendbc/dbc/``) and of
 ../shared/data: if cantools reads it (strict or not), ``load_dbcs`` loads it, else refuses it in
-one line naming the file. Then, for every message and every page (multiplexed and extended
+one line naming the file. Then, for every message and every page (multiplexed, and extended
 multiplexed pages too), values drawn by Hypothesis are encoded with cantools, and what
 ``Decoder`` publishes is compared with what cantools decodes from the same frame, after the
 mapping's rules: a value outside the DBC's [min|max] is ``invalid``, others are published as
@@ -152,6 +152,27 @@ def test_loads_exactly_what_cantools_reads(path: Path):
 @settings(max_examples=8, deadline=None, database=None, phases=[Phase.explicit, Phase.generate])
 @given(seed=st.integers(0, 2**32 - 1))
 def test_decode_publishes_what_cantools_decodes(path: Path, seed: int):
+    _check(path, seed)
+
+
+@settings(max_examples=30, deadline=None, database=None, phases=[Phase.explicit, Phase.generate])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_extended_multiplexing_decodes_as_cantools(extended_dbc: Path, seed: int):
+    _check(extended_dbc, seed)
+
+
+@pytest.fixture(scope="module")
+def extended_dbc(tmp_path_factory) -> Path:
+    from test_decode import EXT_DBC
+
+    path = tmp_path_factory.mktemp("ext") / "extended.dbc"
+    path.write_text(EXT_DBC)
+    chosen = [c for e in _messages(path) for c, _ in e.selections]
+    assert {"Page": 1, "SubPage": 2} in chosen and {"Page": 0} in chosen   # both levels
+    return path
+
+
+def _check(path: Path, seed: int) -> None:
     rng = random.Random(seed)      # one drawn seed: a small input for Hypothesis, many values
     for entry in _messages(path):
         message, decoder = entry.message, entry.decoder
