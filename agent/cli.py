@@ -193,6 +193,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  {len(decoder.paths)} VSS signals from {len(decoder.frame_keys)} frame id(s):")
     for line in decoder.describe():
         print(f"    {line}")
+    for note in decoder.notes:
+        print(f"  note: {note}")
     if config.can is None:
         print("  source: none (can: missing; `decode` still works)")
     elif config.can.capture is not None:
@@ -255,17 +257,17 @@ def cmd_decode(args: argparse.Namespace) -> int:
             out.write(dumps(change.as_dict()) + "\n")
             changes += 1
         out.flush()
+        if reader.not_a_capture:
+            raise UserError(f"{reader.path}: {reader.error}")
         counters = pipeline.decoder.counters
         error, reader.error = reader.error, None      # reported last, as the command's error
         summary = reader.malformed_summary()
         if summary:
             print(summary, file=sys.stderr)
-        print(f"{reader.path}: {reader.frames} frames ({counters.decoded} decoded, "
-              f"{counters.unchanged} unchanged, {counters.unmapped} unmapped, "
-              f"{counters.error_frames} error frames, {counters.wrong_length} wrong length, "
-              f"{counters.undecodable} undecodable"
-              + (f", {reader.other_channel} on other channels" if reader.other_channel else "")
-              + f"), {changes} signal changes", file=sys.stderr)
+        # Every frame in one named bucket: the buckets add up to the frame count.
+        print(f"{reader.path}: {counters.summary()}"
+              + (f"; {reader.other_channel} on other channels" if reader.other_channel else "")
+              + f"; {changes} signal changes", file=sys.stderr)
     if error:
         # A capture that could not be read to its end: the output above is incomplete.
         raise UserError(f"{reader.path}: {error}")
@@ -293,7 +295,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.service.daemon import run
 
     result = run(args.config, args.drain_timeout, debug=args.debug)
-    print(f"car-agent run: {result.message}", file=sys.stderr)
+    print(_masked(args, f"car-agent run: {result.message}"), file=sys.stderr)
     return result.exit_code
 
 
@@ -368,6 +370,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status_main(args.config, args.vehicle_id, json_out=args.json, lang=args.lang,
                        max_age=args.max_age)
 
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from agent.cloud.serve import serve_main
 
@@ -384,6 +387,23 @@ def cmd_owner_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _masked(args: argparse.Namespace, line: str) -> str:
+    """``line`` with the vehicle id masked when the config asks for it (``logging.mask_vin``):
+    the last line a command prints goes to the same journal as its log lines."""
+    config_path = getattr(args, "config", None)
+    if config_path is None or args.command == "watch":
+        return line
+    try:
+        from agent.config import load_config
+
+        config = load_config(config_path)
+    except Exception:  # noqa: BLE001 - an unreadable config has no vehicle id to hide
+        return line
+    if not config.logging.mask_vin:
+        return line
+    return line.replace(config.vehicle_id, logsetup.mask_vin(config.vehicle_id))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -393,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"car-agent {args.command}: error: {exc}", file=sys.stderr)
+        print(_masked(args, f"car-agent {args.command}: error: {exc}"), file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         return 130

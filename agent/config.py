@@ -7,6 +7,7 @@ are needed by every command; the others are checked by the commands that use the
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,19 @@ from pathlib import Path
 from agent.errors import ConfigError
 from agent.schema import Section, describe, load_yaml
 
-#: Vehicle ids end up in MQTT topics and certificate CNs: no wildcards, separators or spaces.
-VEHICLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: The one vehicle-id rule (config, `pki init --vehicle`, topics, the `vid` claim, JWKS keys).
+#: Ids end up in MQTT topics, certificate CNs and the dev PKI's file names: no wildcards,
+#: separators or spaces, and no "." (``A.signing`` would name vehicle A's signing files).
+VEHICLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+VEHICLE_ID_RULE = "1-64 of A-Z a-z 0-9 _ -, starting with a letter or digit"
+
+
+def vehicle_id_problem(value: object) -> str | None:
+    """Why ``value`` is not a vehicle id (the same words everywhere), or None if it is one."""
+    if isinstance(value, str) and VEHICLE_ID_PATTERN.fullmatch(value):
+        return None
+    shown = repr(value[:70]) if isinstance(value, str) else describe(value)
+    return f"{shown} is not a valid vehicle id ({VEHICLE_ID_RULE})"
 CAPTURE_FORMATS = ("candump", "asc", "blf", "trc")
 
 # The publish policy's knobs (agent.signals.policy applies them).
@@ -112,6 +124,7 @@ class AgentConfig:
     vehicle_id: str
     dbc: tuple[Path, ...]
     mapping: Path
+    dbc_encodings: tuple[str | None, ...] = ()   # per DBC file: text encoding, None = detect
     can: CanConfig | None = None
     signing: SigningConfig | None = None
     mqtt: MqttConfig | None = None
@@ -140,9 +153,9 @@ def load_config(path: str | Path) -> AgentConfig:
     top.reject_unknown(TOP_KEYS)
 
     vehicle_id = top.text("vehicle_id", required=True)
-    if not VEHICLE_ID_PATTERN.fullmatch(vehicle_id):
-        raise top.error("vehicle_id", f"{vehicle_id[:70]!r} is not a valid vehicle id "
-                                      "(1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)")
+    problem = vehicle_id_problem(vehicle_id)
+    if problem:
+        raise top.error("vehicle_id", problem)
 
     dbc_value = top.data.get("dbc")
     if isinstance(dbc_value, (str, int)) and not isinstance(dbc_value, bool):
@@ -150,12 +163,13 @@ def load_config(path: str | Path) -> AgentConfig:
     if not isinstance(dbc_value, list) or not dbc_value:
         raise top.error("dbc", "expected one DBC path or a non-empty list of them")
     dbc_section = Section({str(i): v for i, v in enumerate(dbc_value)}, file, "dbc")
-    dbc = tuple(dbc_section.path_value(str(i), required=True) for i in range(len(dbc_value)))
+    dbc, encodings = zip(*(_dbc_entry(dbc_section, str(i)) for i in range(len(dbc_value))))
 
     return AgentConfig(
         file=file,
         vehicle_id=vehicle_id,
-        dbc=dbc,
+        dbc=tuple(dbc),
+        dbc_encodings=tuple(encodings),
         mapping=top.path_value("mapping", required=True),
         can=_can(top.section("can")),
         signing=_signing(top.section("signing")),
@@ -166,6 +180,23 @@ def load_config(path: str | Path) -> AgentConfig:
         security=_security(top.section("security")),
         cmd=_cmd(top.section("cmd")),
     )
+
+
+def _dbc_entry(dbc: Section, index: str) -> tuple[Path, str | None]:
+    """One ``dbc`` entry: a path, or ``{path: ..., encoding: ...}`` (the encoding overrides
+    detection: UTF-8 when the file is valid UTF-8, else cp1252)."""
+    if not isinstance(dbc.data.get(index), dict):
+        return dbc.path_value(index, required=True), None
+    entry = dbc.section(index)
+    entry.reject_unknown(("path", "encoding"))
+    encoding = entry.text("encoding")
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise entry.error("encoding", f"unknown text encoding {encoding[:40]!r} (e.g. "
+                                          "utf-8, cp1252, latin-1)") from None
+    return entry.path_value("path", required=True), encoding
 
 
 def _can(s: Section | None) -> CanConfig | None:

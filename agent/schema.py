@@ -62,6 +62,9 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
+#: A number YAML 1.1 reads as a string: exponent without a dot (``1e3``, ``-2.5E-1`` parse).
+_FLOAT_TEXT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+")
+
 #: Longest integer literal accepted: 64-bit values fit; 4,000-digit ones would cost seconds
 #: (or hit Python's int-string limit) and overflow every float conversion after them.
 MAX_INT_LITERAL = 40
@@ -150,6 +153,9 @@ class Section:
             return default
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value) and (
+                kind is float or (isinstance(kind, tuple) and float in kind)):
+            value = float(value)    # YAML 1.1 leaves 1e3 (no dot) a string; YAML 1.2 does not
         if isinstance(value, bool) and kind is not bool and not (
             isinstance(kind, tuple) and bool in kind
         ):

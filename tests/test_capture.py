@@ -215,7 +215,14 @@ def test_candump_reader_streams_from_a_lazy_handle():
                 raise AssertionError("the reader tried to read the whole capture")
             yield f"({n}.000000) can0 100#{n & 0xFF:02X}\n"
 
-    reader = CandumpReader(Path("lazy.log"), lines(), None)
+    class LazyHandle:
+        def __init__(self):
+            self.lines = lines()
+
+        def readline(self, size=-1):
+            return next(self.lines, "")
+
+    reader = CandumpReader(Path("lazy.log"), LazyHandle(), None)
     it = iter(reader)
     first = next(it)
     assert bytes(first.data) == b"\x00" and len(produced) == 1
@@ -244,7 +251,7 @@ def test_asc_reader_streams_from_a_lazy_handle():
                            "Begin Triggerblock Mon Jan 5 10:00:00.000 am 2026\n"]
             self.served = 0
 
-        def readline(self):
+        def readline(self, size=-1):
             self.served += 1
             if self.served <= len(self.header):
                 return self.header[self.served - 1]
@@ -472,6 +479,7 @@ def test_blf_cut_inside_the_first_object_header_reports_an_error(tmp_path):
     cut.write_bytes(path.read_bytes()[:150])        # 144-byte file header + 6 bytes
     reader, frames = read_all(cut)
     assert frames == [] and reader.error.startswith("BLF data unreadable after 0 frame(s)")
+    assert not reader.not_a_capture                 # a BLF file, damaged
 
 
 @pytest.mark.parametrize("where", ["after-file-header", "two-thirds", "last-bytes"])
@@ -492,7 +500,8 @@ def test_not_a_blf_file_reports_an_error_without_raising(tmp_path):
     path = tmp_path / "fake.blf"
     path.write_bytes(b"NOPE" + bytes(200))
     reader, frames = read_all(path)
-    assert frames == [] and reader.error.startswith("BLF data unreadable after 0 frame(s)")
+    assert frames == [] and reader.not_a_capture
+    assert reader.error == "not a capture file (expected Vector BLF: Unexpected file format)"
 
 
 # -- choosing a reader -------------------------------------------------------------------------
@@ -535,3 +544,93 @@ def test_capture_path_is_a_directory(tmp_path):
     folder.mkdir()
     with pytest.raises(UserError, match="is a directory"):
         open_capture(folder)
+
+
+# -- non-finite timestamps (issue 13.8) ----------------------------------------------------------
+
+@pytest.mark.parametrize("stamp", ["nan", "inf", "-inf", "1e400"])
+def test_trc_non_finite_timestamp_is_a_malformed_line(tmp_path, stamp):
+    text = TRC_11.replace("        20.0  Rx", f"{stamp:>12}  Rx")
+    assert stamp in text
+    reader, frames = read_all(write(tmp_path / "drive.trc", text))
+    assert [m.arbitration_id for m in frames] == [0x3D0, 0x18FF50E5]
+    assert reader.malformed == 1 and reader.first_malformed == [(13, "bad timestamp")]
+
+
+@pytest.mark.parametrize("stamp", ["nan", "inf", "-inf", "1e400"])
+def test_candump_non_finite_timestamp_is_a_malformed_line(tmp_path, stamp):
+    reader, frames = read_all(write(tmp_path / "a.log", "(1.0) can0 100#01\n"
+                                    f"({stamp}) can0 100#02\n(2.0) can0 100#03\n"))
+    assert [bytes(m.data) for m in frames] == [b"\x01", b"\x03"]
+    assert reader.first_malformed == [(2, "bad timestamp")]
+
+
+# -- memory bounded by the longest line (issue 13.4) ---------------------------------------------
+
+HUGE = 48 * 1024 * 1024      # one line of 48 MiB without a newline before its end
+CANDUMP_OK = "(1700000000.000000) can0 3D0#9C80157000000071\n"
+
+
+def _huge_line_file(path: Path, head: str, tail: str, compress: bool = False) -> Path:
+    opener = gzip.open(path, "wt", compresslevel=1) if compress else path.open("w")
+    with opener as f:
+        f.write(head)
+        chunk = "A" * (1024 * 1024)
+        for _ in range(HUGE // len(chunk)):
+            f.write(chunk)
+        f.write("\n" + tail)
+    return path
+
+
+@pytest.mark.parametrize("name, head, tail, fmt", [
+    ("a.log", CANDUMP_OK, CANDUMP_OK, "candump"),
+    ("a.log.gz", CANDUMP_OK, CANDUMP_OK, "candump"),
+    ("a.asc", ASC.split("   0.000000")[0] + "   0.010000 1  3D0  Rx   d 1 01\n",
+     "   0.020000 1  3D0  Rx   d 1 02\nEnd TriggerBlock\n", "asc"),
+    ("b.log", ASC.split("   0.000000")[0] + "   0.010000 1  3D0  Rx   d 1 01\n",
+     "   0.020000 1  3D0  Rx   d 1 02\nEnd TriggerBlock\n", "asc"),    # sniffed, then read
+    ("a.trc", TRC_11.split("     2)")[0], "     2)        20.0  Rx         02B0  1  0F\n", "trc"),
+    ("huge-first.log", "", CANDUMP_OK, "candump"),                       # sniffing meets it
+])
+def test_memory_is_bounded_by_the_longest_line_not_the_file(tmp_path, name, head, tail, fmt):
+    """A reader (and format sniffing) never holds an overlong line: it is skipped to its
+    newline in small chunks and counted malformed, and reading goes on after it."""
+    import tracemalloc
+
+    path = _huge_line_file(tmp_path / name, head, tail, compress=name.endswith(".gz"))
+    tracemalloc.start()
+    try:
+        assert detect_format(path) == fmt
+        reader, frames = read_all(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, f"peak {peak} bytes for a {HUGE}-byte line"
+    assert len(frames) == (1 if name.startswith("huge") else 2)
+    assert reader.malformed == 1 and reader.first_malformed[0][1] == "line too long"
+
+
+# -- files that are no capture at all (issue 13.12) ----------------------------------------------
+
+@pytest.mark.parametrize("name, content, detail", [
+    ("g.asc", bytes(range(256)) * 20, "Vector ASC: no ASC header and no frame in"),
+    ("t.asc", b"hello world\nthis is text\n", "Vector ASC: no ASC header and no frame in 2 "),
+    ("g.trc", bytes(range(256)) * 20, "PEAK TRC: no TRC header and no frame in"),
+    ("t.trc", b"hello world\nthis is text\n", "PEAK TRC: no TRC header and no frame in 2 "),
+    ("g.blf", bytes(range(256)) * 20, "Vector BLF: "),
+])
+def test_garbage_is_not_a_capture(tmp_path, name, content, detail):
+    path = tmp_path / name
+    path.write_bytes(content)
+    reader, frames = read_all(path)
+    assert frames == [] and reader.not_a_capture, reader.error
+    assert reader.error.startswith(f"not a capture file (expected {detail}"), reader.error
+
+
+@pytest.mark.parametrize("name, text", [
+    ("empty.asc", ""), ("header-only.asc", ASC.split("   0.000000")[0] + "End TriggerBlock\n"),
+    ("header-only.trc", TRC_11.split("     1)")[0]),
+])
+def test_an_empty_capture_is_still_a_capture(tmp_path, name, text):
+    reader, frames = read_all(write(tmp_path / name, text))
+    assert frames == [] and not reader.not_a_capture and reader.error is None

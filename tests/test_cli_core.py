@@ -64,6 +64,20 @@ def test_check_config_broken_is_one_stderr_line(tmp_path, text, words):
     assert words in line
 
 
+def test_check_config_says_a_message_needs_can_fd(tmp_path):
+    """Issue 16.5: a 10-byte message not marked FD travels only in 12-byte CAN FD frames."""
+    from coredata import DBC_HEADER
+
+    write(tmp_path / "odd.dbc", DBC_HEADER + "BO_ 1536 Odd: 10 ECU\n"
+          ' SG_ Level : 72|8@1+ (1,0) [0|100] "%" ECU\n')
+    write(tmp_path / "m.yaml", "signals:\n  Vehicle.Test.Level: {message: Odd, signal: Level}\n")
+    config = write(tmp_path / "c.yaml", "vehicle_id: V\ndbc: odd.dbc\nmapping: m.yaml\n")
+    result = run("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert ("  note: Odd (10 bytes) needs CAN FD (not marked FD in the DBC): it travels in "
+            "12-byte frames") in result.stdout.splitlines()
+
+
 def test_check_config_mapping_bound_to_dbc_error(tmp_path):
     mapping = write(tmp_path / "m.yaml", "signals:\n  Vehicle.Powertrain.FuelSystem.Range:\n"
                                          "    message: Cluster\n    signal: RangeMiles\n")
@@ -142,8 +156,37 @@ def test_decode_reports_malformed_lines_once_with_numbers(tmp_path, config):
     assert malformed == [f"{capture}: 2 malformed line(s) skipped: line 4 (expected '(time) "
                          "channel id#data'), line 10 (bad data bytes)"]
     assert "Traceback" not in result.stderr
-    assert any(line.startswith(f"{capture}: 8 frames (7 decoded, 1 unchanged, 0 unmapped")
-               for line in err), err
+    assert err[-1] == (f"{capture}: 8 frames, 7 decoded, 0 error frames, 0 wrong length, "
+                       "1 unchanged, 0 unmapped, 0 remote frames, 0 undecodable, 0 unknown page; "
+                       f"{len(EXPECTED)} signal changes"), err
+
+
+def test_decode_summary_counts_every_frame_in_one_named_bucket(tmp_path, config):
+    """Issue 13.12/16.6: remote frames, error frames and wrong lengths are named; the buckets
+    add up to the frame count."""
+    capture = write(tmp_path / "drive.log", CAPTURE.replace(
+        "this is not a frame\n", "(1700000000.030000) can0 3D0#R\n"
+        "(1700000000.031000) can0 3D0#R8\n(1700000000.032000) can0 20000004#0004000000000000\n"
+        "(1700000000.033000) can0 3D0#0102\n(1700000000.034000) can0 7FF#00\n"))
+    result = run("decode", str(capture), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"{capture}: 13 frames, 7 decoded, 1 error frames, 1 wrong length, 1 unchanged, "
+        f"1 unmapped, 2 remote frames, 0 undecodable, 0 unknown page; {len(EXPECTED)} signal "
+        "changes")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("g.asc", bytes(range(256)) * 8), ("g.trc", b"hello\nworld\n"), ("g.blf", bytes(500)),
+])
+def test_decode_of_a_file_that_is_no_capture_is_one_error_line(tmp_path, config, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = run("decode", str(path), "--config", str(config))
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"car-agent decode: error: {path}: not a capture file (expected "), result.stderr
 
 
 def test_decode_channel_filter(tmp_path, config):
@@ -225,3 +268,27 @@ def test_simulate_unwritable_output_is_one_line(tmp_path):
                  "--out", str(target))
     line = assert_one_line_error(result, "simulate")
     assert f"{target}: cannot write capture" in line
+
+
+def test_mask_vin_also_masks_the_final_error_line(tmp_path):
+    """Issue 13.12: with logging.mask_vin the last line (an error naming a file after the
+    vehicle) does not leak the vehicle id either."""
+    vin = "WVWZZZ1JZXW000001"
+    config = write(tmp_path / "car.yaml", f"""\
+vehicle_id: {vin}
+dbc: {DEMO_DBC}
+mapping: {REPO / "config" / "mapping" / "demo_vehicle.yaml"}
+can: {{interface: virtual, channel: mask-test}}
+signing: {{key: keys/{vin}.signing.key}}
+mqtt: {{host: 127.0.0.1, ca: keys/ca.crt, cert: keys/{vin}.crt, key: keys/{vin}.key}}
+store: {{path: outbox.db}}
+logging: {{mask_vin: true}}
+""")
+    result = run("run", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("car-agent run: error: ") and "*" * 13 + "0001" in last, last
+    assert vin not in result.stderr, result.stderr
+    # Without mask_vin the same line names the vehicle.
+    write(config, config.read_text().replace("logging: {mask_vin: true}\n", ""))
+    assert vin in run("run", "--config", str(config)).stderr.strip().splitlines()[-1]

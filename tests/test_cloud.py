@@ -443,6 +443,9 @@ def test_eddsa_and_key_without_vid(tmp_path: Path, signer) -> None:
     ed = Signer(ed25519.Ed25519PrivateKey.generate())
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps({"keys": [public_jwk(ed._key.public_key())]}))
+    with pytest.raises(ConfigError, match="bound to no vehicle"):   # fail closed (issue 13.7)
+        Verifier.from_jwks_file(jwks)
+    jwks.write_text(json.dumps({"keys": [{**public_jwk(ed._key.public_key()), "vid": "ANY-VIN"}]}))
     checker = MessageChecker(Verifier.from_jwks_file(jwks), "fleet/eu")
     record = checker.check("fleet/eu/ANY-VIN/events", ed.sign(make_claims(1, vid="ANY-VIN")).encode())
     assert record["verified"] and record["alg"] == "EdDSA" and record["vid"] == "ANY-VIN"

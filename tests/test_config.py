@@ -289,3 +289,54 @@ def test_any_yaml_document_loads_or_raises_one_line_config_error(tmp_path, extra
         assert one_line(str(exc)) and str(exc).startswith(str(path)), str(exc)
     else:
         assert cfg.vehicle_id and cfg.dbc and cfg.mapping
+
+
+# -- one vehicle-id rule (issue 11.3) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("vid", ["VIN.1", "VIN/1", "-VIN", "x" * 65, "VIN 1"])
+def test_one_vehicle_id_rule_with_one_message_everywhere(tmp_path, vid):
+    """Config, `pki init --vehicle`, `pki revoke` and the JWKS `vid` refuse the same ids with
+    the same words; the rule itself is stated once (agent.config.VEHICLE_ID_RULE)."""
+    from agent.config import VEHICLE_ID_RULE
+    from agent.dev.pki import init_pki, revoke
+    from agent.uplink.signing import Signer, Verifier
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    words = f"{vid!r} is not a valid vehicle id ({VEHICLE_ID_RULE})"
+    assert words in config_error(write(tmp_path / "c.yaml", f"vehicle_id: '{vid}'\n"
+                                       "dbc: [a.dbc]\nmapping: m.yaml\n"))
+    for make in (lambda: init_pki(tmp_path / "p", [vid]), lambda: revoke(tmp_path / "p", vid)):
+        with pytest.raises(UserError) as info:
+            make()
+        assert str(info.value) == f"--vehicle: {words}"
+    jwk = {**Signer(ed25519.Ed25519PrivateKey.generate()).public_jwk, "vid": vid}
+    with pytest.raises(ConfigError) as info:
+        Verifier({"keys": [jwk]}, source="jwks.json")
+    assert str(info.value).endswith(f": 'vid': {words}")
+
+
+def test_vehicle_ids_valid_everywhere(tmp_path):
+    from agent.dev.pki import init_pki
+
+    for vid in ("VIN1", "WVWZZZ1JZXW000001", "car_7-b", "x" * 64):
+        assert load_config(write(tmp_path / "c.yaml", f"vehicle_id: {vid}\n"
+                                 "dbc: [a.dbc]\nmapping: m.yaml\n")).vehicle_id == vid
+    assert init_pki(tmp_path / "p", ["car_7-b"])["vehicles_added"] == ["car_7-b"]
+
+
+@pytest.mark.parametrize("text, expected", [("1e3", 1000.0), ("2.5E-1", 0.25), ("+4e+2", 400.0),
+                                            ("1000", 1000.0), ("1.5", 1.5)])
+def test_numbers_with_an_exponent_are_numbers(tmp_path, text, expected):
+    """Issue 13.12: YAML 1.1 reads `1e3` as a string; a mapping's `scale: 1e3` is 1000."""
+    mapping = load_mapping(write(tmp_path / "m.yaml", "signals:\n  Vehicle.Test.X:\n"
+                                 f"    message: M\n    signal: S\n    scale: {text}\n"))
+    assert mapping.signals[0].scale == expected
+    cfg = load_config(write(tmp_path / "c.yaml", BASE + f"policy: {{min_interval_s: {text}}}\n"))
+    assert cfg.policy.min_interval_s == expected
+
+
+def test_exponent_text_is_still_text_where_text_is_expected(tmp_path):
+    assert load_config(write(tmp_path / "c.yaml", BASE.replace("VIN1", "1e3"))).vehicle_id == "1e3"
+    path = write(tmp_path / "c2.yaml", BASE + "mqtt: {host: h, port: 8e3, ca: a, cert: b, key: c}\n")
+    assert "mqtt.port: expected an integer, got str '8e3'" in config_error(path)

@@ -371,3 +371,77 @@ def test_cantools_agrees_with_the_demo_dbc_loaded_directly():
     theirs = cantools.database.load_file(DEMO_DBC).get_message_by_name("Cluster")
     assert [(s.name, s.start, s.length, s.byte_order) for s in ours.signals] == \
         [(s.name, s.start, s.length, s.byte_order) for s in theirs.signals]
+
+
+# -- issue 16: what cantools reads, we read ------------------------------------------------------
+
+DOORS = (DBC_HEADER + "BO_ 945 Doors: 2 ECU\n"
+         ' SG_ DoorFL : 0|1@1+ (1,0) [0|1] "" ECU\n'
+         ' SG_ Display : 8|2@1+ (1,0) [0|3] "" ECU\n\n')
+
+
+def test_vector_independent_signal_pseudo_message_is_not_truncation(tmp_path):
+    """CANdb++ keeps unused signals in VECTOR__INDEPENDENT_SIG_MSG; cantools drops it."""
+    text = (DOORS + "BO_ 3221225472 VECTOR__INDEPENDENT_SIG_MSG: 0 Vector__XXX\n"
+            ' SG_ Unused1 : 0|8@1+ (1,0) [0|0] "" Vector__XXX\n'
+            ' SG_ Unused2 : 8|8@1+ (1,0) [0|0] "" Vector__XXX\n\n')
+    vdb = load_dbcs([write(tmp_path / "v.dbc", text)])
+    assert sorted(vdb.by_name) == ["Doors"] and vdb.warnings == []
+    # The check against truncation still holds around it.
+    cut = write(tmp_path / "cut.dbc", text + 'BO_ 946 Two: 8 ECU\n SG_ X : 0|8@1+ (1,0) '
+                '[0|255] "" ECU\n SG_ Y : 8|8@1+ (1,0) [0')
+    assert dbc_error([cut]) == (f"{cut}: looks truncated or damaged: 2 messages and 4 signals "
+                                "declared, 2 and 3 read")
+
+
+def test_comment_line_starting_with_sg_is_text_not_a_signal(tmp_path):
+    text = DOORS + ('CM_ BO_ 945 "Doors of the car.\n SG_ DoorFL is the driver\'s door,\n'
+                    'BO_ and so on";\n')
+    vdb = load_dbcs([write(tmp_path / "c.dbc", text)])
+    assert [s.name for s in vdb.find("Doors").signals] == ["DoorFL", "Display"]
+
+
+def test_cantools_detail_is_kept_on_one_line_with_the_dbc_line(tmp_path):
+    path = write(tmp_path / "val.dbc", DOORS + 'VAL_ 945 DoorFL 1 "OPEN" 0 "CLOSED" ;\n'
+                                               'VAL_ 945 DoorFR 1 "OPEN" 0 "CLOSED" ;\n')
+    line = DOORS.count("\n") + 2
+    assert dbc_error([path]) == (f"{path}:{line}: not a usable DBC file: unused VAL_ entries "
+                                 "in DBC: VAL_ 945 DoorFR")
+
+
+UTF8_NAME = "Display “Leading vehicle departure alert”"
+UTF8_DBC = DOORS + f'VAL_ 945 Display 1 "{UTF8_NAME}" 0 "Off" ;\n'
+UTF8_MAPPING = ("  Vehicle.Test.Display:\n    message: Doors\n    signal: Display\n"
+                f"    values: {{'{UTF8_NAME}': true, 'Off': false}}\n")
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_utf8_dbc_value_names_can_be_mapped(tmp_path, bom):
+    path = tmp_path / "utf8.dbc"
+    path.write_bytes(bom + UTF8_DBC.encode("utf-8"))
+    dec = decoder_for(tmp_path, path, UTF8_MAPPING)
+    assert values(dec, frame(945, bytes([0, 1]), 1.0)) == {"Vehicle.Test.Display": (True, "valid")}
+
+
+def test_encoding_override_per_dbc_entry(tmp_path):
+    """A file that happens to be valid UTF-8 but was written in cp1252: `encoding` says so."""
+    from agent.signals.vehicle import load_vehicle
+
+    name = "Fahrertür"
+    dbc = tmp_path / "cp.dbc"
+    dbc.write_bytes((DOORS + f'VAL_ 945 Display 1 "{name}" 0 "Off" ;\n').encode("utf-8"))
+    as_cp1252 = name.encode("utf-8").decode("cp1252")           # "FahrertÃ¼r"
+    write(tmp_path / "m.yaml", "signals:\n  Vehicle.Test.Display:\n    message: Doors\n"
+          f"    signal: Display\n    values: {{'{as_cp1252}': true, 'Off': false}}\n")
+    config = write(tmp_path / "c.yaml", "vehicle_id: V1\nmapping: m.yaml\n"
+                   "dbc: [{path: cp.dbc, encoding: cp1252}]\n")
+    assert load_vehicle(config).config.dbc_encodings == ("cp1252",)
+    detected = write(tmp_path / "d.yaml", "vehicle_id: V1\nmapping: m.yaml\ndbc: [cp.dbc]\n")
+    with pytest.raises(ConfigError, match="not a value of Display"):
+        load_vehicle(detected)
+    bad = write(tmp_path / "b.yaml", "vehicle_id: V1\nmapping: m.yaml\n"
+                "dbc: [{path: cp.dbc, encoding: klingon}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_vehicle(bad)
+    assert str(info.value) == (f"{bad}: dbc.0.encoding: unknown text encoding 'klingon' "
+                               "(e.g. utf-8, cp1252, latin-1)")

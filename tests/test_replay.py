@@ -39,6 +39,7 @@ from agent.dev.replay import (
     parse_gap,
     parse_ids,
     parse_map,
+    progress_total,
     replay,
     terminal_progress,
 )
@@ -504,6 +505,22 @@ def test_progress_callback(tmp_path, vbus, simulated):
     assert all(0 <= c[1] <= 1.3 for c in calls)
 
 
+@pytest.mark.parametrize("start, end, loops, expected", [
+    (None, None, 1, 0.6), (0.2, None, 1, 0.4), (None, 0.25, 1, 0.25), (0.2, 0.5, 2, 0.6),
+    (0.2, 9.0, 1, 0.4), (0.7, None, 1, 0.0),
+])
+def test_progress_total_honours_the_window(tmp_path, vbus, start, end, loops, expected):
+    """Issue 11.4: the progress line's total is the --start/--end window, not the whole file."""
+    capture = write_candump(tmp_path / "a.log", periodic(61, 0.01))     # 0.6 s
+    options = opts(vbus()[0], start=start, end=end, loops=loops)
+    assert progress_total(capture_span(capture), options) == pytest.approx(expected)
+    calls = []
+    replay(capture, options, progress=lambda *a: calls.append(a))
+    if expected:
+        assert calls and all(c[2] == pytest.approx(expected) for c in calls)
+        assert calls[-1][1] <= expected + 0.02     # the final state: elapsed within the total
+
+
 def test_terminal_progress_line():
     out = StringIO()
     show = terminal_progress(out)
@@ -880,7 +897,7 @@ def test_cli_sigterm_stops_the_replay_with_a_summary_and_exit_130(tmp_path):
     assert proc.returncode == 130, err
     found = re.search(r"replay: (\d+) frames sent", err)
     assert found, err
-    assert int(found.group(1)) < 301
+    assert 0 < int(found.group(1)) < 301
 
 
 def test_cli_a_transmit_queue_that_stays_full_is_exit_2_with_one_line(tmp_path, vbus, simulated,
@@ -906,3 +923,39 @@ def test_cli_a_transmit_queue_that_stays_full_is_exit_2_with_one_line(tmp_path, 
     assert drain(rx) == []
     # It kept retrying the first frame for 2 s (of simulated time), not one attempt, not forever.
     assert attempts[-1] - attempts[0] == pytest.approx(2.0, abs=0.01) and len(attempts) > 100
+
+
+# -- a capture clock that jumps (issue 13.11) --------------------------------------------------
+
+@pytest.mark.parametrize("jump", [10 * 86400.0, -3600.0, 1e300])
+def test_clock_jump_is_not_waited_for(tmp_path, vbus, monkeypatch, jump):
+    """+10 days, -1 h, or a far-future timestamp between two frames: every frame is sent, the
+    replay never sleeps for the jump (nor raises OverflowError), and the jump is reported."""
+    from agent.dev import replay as rp
+
+    frames = periodic(4, 0.01) + [msg(jump + 0.03 + i * 0.01, 0x100, bytes([i])) for i in range(3)]
+    capture = write_candump(tmp_path / "a.log", frames)
+    sleeps: list[float] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        assert seconds < 5, f"replay sleeps {seconds} s"
+        real_sleep(seconds)
+
+    monkeypatch.setattr(rp.time, "sleep", sleep)
+    name, rx = vbus()
+    summary = replay(capture, opts(name, timing=True))
+    assert summary.sent == 7 and len(drain(rx)) == 7
+    assert summary.jumps == 1 and "1 clock jump(s) over 60 s not waited for" in summary.line()
+
+
+def test_cli_far_future_timestamp_is_a_warning_not_a_traceback(tmp_path):
+    capture = tmp_path / "a.log"
+    capture.write_text("(1700000000.000000) can0 100#01\n(1e300) can0 100#02\n"
+                       "(1700000000.010000) can0 100#03\n")
+    result = run_cli(str(capture), "--interface", "virtual", "--channel",
+                     f"cli-{uuid.uuid4().hex}", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "OverflowError" not in result.stderr
+    assert "replay: 3 frames sent" in result.stderr and "2 clock jump(s)" in result.stderr

@@ -51,7 +51,8 @@ EC_KEY = ec.generate_private_key(ec.SECP256R1())
 ED_KEY = ed25519.Ed25519PrivateKey.generate()
 EC_SIGNER = Signer(EC_KEY)
 ED_SIGNER = Signer(ED_KEY)
-VERIFIER = Verifier({"keys": [EC_SIGNER.public_jwk, ED_SIGNER.public_jwk]})
+VERIFIER = Verifier({"keys": [{**EC_SIGNER.public_jwk, "vid": "VIN1"},
+                              {**ED_SIGNER.public_jwk, "vid": "VIN2"}]})
 CLAIMS = {"vid": "VIN1", "ts": 1700000000123, "signals": {"Vehicle.Speed": 42.5}, "note": "grüße"}
 
 
@@ -259,7 +260,7 @@ def test_jwcrypto_token_verifies_with_ours() -> None:
     kid = key.thumbprint()
     obj = jw_jws.JWS(json.dumps({"a": 1}).encode())
     obj.add_signature(key, None, json.dumps({"alg": "ES256", "kid": kid}))
-    header, claims = Verifier({"keys": [pub]}).verify(obj.serialize(compact=True))
+    header, claims = Verifier({"keys": [{**pub, "vid": "VIN1"}]}).verify(obj.serialize(compact=True))
     assert claims == {"a": 1} and header["kid"] == kid
 
 
@@ -356,10 +357,11 @@ def test_verify_rejects_non_text_type() -> None:
 
 def test_write_jwks_and_from_file_with_extra_members(tmp_path: Path) -> None:
     path = tmp_path / "jwks.json"
-    jwk = {**EC_SIGNER.public_jwk, "vid": "VIN1"}
-    write_jwks(path, [jwk, ED_SIGNER.public_jwk])
+    jwk = {**EC_SIGNER.public_jwk, "vid": "VIN1", "note": "extra"}
+    ed_jwk = {**ED_SIGNER.public_jwk, "vid": "VIN2"}
+    write_jwks(path, [jwk, ed_jwk])
     data = json.loads(path.read_text())
-    assert data == {"keys": [jwk, ED_SIGNER.public_jwk]}
+    assert data == {"keys": [jwk, ed_jwk]}
     assert path.read_text().startswith("{\n  ")  # pretty-printed
     assert path.stat().st_mode & 0o777 == 0o644
     verifier = Verifier.from_jwks_file(path)
@@ -371,7 +373,7 @@ def test_write_jwks_and_from_file_with_extra_members(tmp_path: Path) -> None:
 
 def test_jwk_without_kid_is_found_by_thumbprint() -> None:
     jwk = {k: v for k, v in EC_SIGNER.public_jwk.items() if k != "kid"}
-    verifier = Verifier({"keys": [jwk]})
+    verifier = Verifier({"keys": [{**jwk, "vid": "VIN1"}]})
     assert verifier.kids == {EC_SIGNER.kid}
     assert verifier.verify(EC_SIGNER.sign({"x": 1}))[1] == {"x": 1}
 
@@ -405,12 +407,21 @@ def _bad_point_jwk() -> dict:
         ({"keys": ["EC-wrong-alg"]}, "'alg' is 'EdDSA' but the key is ES256"),
         ({"keys": ["EC-enc"]}, "'use' is 'enc'"),
         ({"keys": ["not an object"]}, "keys[0]: not a JSON object"),
+        # Fail closed: a key bound to no vehicle would verify every vehicle's messages.
+        ({"keys": ["EC-no-vid"]}, "keys[0] (kid EC-KID): bound to no vehicle"),
+        ({"keys": ["EC", "ED-no-vid"]}, "keys[1] (kid ED-KID): bound to no vehicle"),
+        ({"keys": ["EC-bad-vid"]}, "keys[0] (kid EC-KID): 'vid': 'VIN/1' is not a valid "
+                                   "vehicle id"),
     ],
 )
 def test_jwks_file_errors_are_config_errors(tmp_path: Path, content: object, expected: str) -> None:
+    expected = expected.replace("EC-KID", EC_SIGNER.kid).replace("ED-KID", ED_SIGNER.kid)
     named = {
-        "EC": EC_SIGNER.public_jwk,
-        "ED": ED_SIGNER.public_jwk,
+        "EC": {**EC_SIGNER.public_jwk, "vid": "VIN1"},
+        "ED": {**ED_SIGNER.public_jwk, "vid": "VIN2"},
+        "EC-no-vid": EC_SIGNER.public_jwk,
+        "ED-no-vid": ED_SIGNER.public_jwk,
+        "EC-bad-vid": {**EC_SIGNER.public_jwk, "vid": "VIN/1"},
         "EC-no-x": {k: v for k, v in EC_SIGNER.public_jwk.items() if k not in ("x", "kid")},
         "EC-private": {**EC_SIGNER.public_jwk, "d": "AAAA"},
         "EC-bad-point": _bad_point_jwk(),
@@ -472,3 +483,24 @@ def test_sign_verify_roundtrip(claims: dict, signer: Signer) -> None:
     assert base64.urlsafe_b64decode(token.split(".")[1] + "==") == json.dumps(
         claims, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     ).encode()
+
+
+def test_key_bound_by_its_certificate_cn_alone(tmp_path: Path) -> None:
+    """A standard JWKS without `vid` is accepted when each key's x5c names its vehicle (CN);
+    the CN is then the key's vehicle."""
+    from agent.dev.pki import init_pki
+
+    init_pki(tmp_path, ["VIN7"])
+    published = json.loads((tmp_path / "jwks.json").read_text())["keys"][0]
+    assert published["vid"] == "VIN7" and published["x5c"]
+    without_vid = {k: v for k, v in published.items() if k != "vid"}
+    verifier = Verifier({"keys": [without_vid]})
+    assert verifier.jwk(published["kid"])["vid"] == "VIN7"  # type: ignore[index]
+    assert Verifier({"keys": [{**published, "vid": "VIN8"}]}).jwk(published["kid"])["vid"] == "VIN8"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_sign_refuses_non_finite_numbers(bad: float) -> None:
+    """NaN/Infinity are not JSON: signing them would make a message every verifier rejects."""
+    with pytest.raises(ValueError):
+        EC_SIGNER.sign({"vid": "VIN1", "age": {"Vehicle.Speed": bad}})

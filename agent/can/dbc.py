@@ -45,10 +45,13 @@ class VehicleDatabase:
         return self.by_key.get(message) or self.by_key.get(message | EXTENDED_KEY)
 
 
-def load_dbcs(paths: tuple[Path, ...] | list[Path]) -> VehicleDatabase:
+def load_dbcs(paths: tuple[Path, ...] | list[Path],
+              encodings: tuple[str | None, ...] | list[str | None] = ()) -> VehicleDatabase:
+    """Load DBC files; ``encodings[i]`` (if given and not None) overrides the detected text
+    encoding of ``paths[i]`` (UTF-8 when the file is valid UTF-8, else cp1252)."""
     vdb = VehicleDatabase(files=tuple(paths))
-    for path in paths:
-        db = _load_one(path, vdb.warnings)
+    for i, path in enumerate(paths):
+        db = _load_one(path, vdb.warnings, encodings[i] if i < len(encodings) else None)
         for msg in db.messages:
             key = frame_key(msg.frame_id, msg.is_extended_frame)
             if key in vdb.by_key:
@@ -64,12 +67,12 @@ def load_dbcs(paths: tuple[Path, ...] | list[Path]) -> VehicleDatabase:
     return vdb
 
 
-def _load_one(path: Path, warnings: list[str]) -> cantools.database.Database:
+def _load_one(path: Path, warnings: list[str],
+              encoding: str | None = None) -> cantools.database.Database:
     try:
         if path.stat().st_size > MAX_DBC_BYTES:
             raise ConfigError(f"{path}: DBC file larger than {MAX_DBC_BYTES} bytes")
-        # cp1252 is cantools' own default for DBC files (Vector tools write it); it maps every byte.
-        text = path.read_bytes().decode("cp1252", errors="replace")
+        text = decode_text(path, path.read_bytes(), encoding)
     except FileNotFoundError:
         raise ConfigError(f"{path}: DBC file not found") from None
     except IsADirectoryError:
@@ -99,7 +102,8 @@ def _load_one(path: Path, warnings: list[str]) -> cantools.database.Database:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"{path}: not a usable DBC file: {_message(exc)}") from None
+        raise ConfigError(f"{_where(path, exc, fixed)}: not a usable DBC file: "
+                          f"{_message(exc)}") from None
     try:
         _check_complete(path, fixed, db)
     except ConfigError as exc:
@@ -108,10 +112,45 @@ def _load_one(path: Path, warnings: list[str]) -> cantools.database.Database:
     return db
 
 
+def decode_text(path: Path, data: bytes, encoding: str | None) -> str:
+    """A DBC file's text: in ``encoding`` if given; else UTF-8 when the bytes are valid UTF-8
+    (with or without BOM: opendbc's files), else cp1252 (CANdb++'s default; maps every byte)."""
+    if encoding is not None:
+        try:
+            return data.decode(encoding)
+        except (LookupError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read as {encoding}: {_one_line(str(exc))}") \
+                from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
+
+
+#: Strings ("...", with \" escapes) can span lines; a comment line starting with "SG_" is text.
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+#: CANdb++ keeps unused signals in this pseudo-message; cantools drops it on purpose.
+INDEPENDENT_SIGNALS = "VECTOR__INDEPENDENT_SIG_MSG"
+
+
+def _declared(text: str) -> tuple[int, int]:
+    """(messages, signals) the file declares, as cantools reads them: strings and the
+    pseudo-message of independent signals left out."""
+    messages = signals = 0
+    independent = False
+    for line in _STRING.sub('""', text).split("\n"):
+        statement = line.lstrip()
+        if statement.startswith("BO_ "):
+            independent = INDEPENDENT_SIGNALS in statement.split(":", 1)[0].split()
+            messages += not independent
+        elif statement.startswith("SG_ "):
+            signals += not independent
+    return messages, signals
+
+
 def _check_complete(path: Path, text: str, db: cantools.database.Database) -> None:
     """cantools silently ignores an incomplete last statement: a truncated file must not pass."""
-    declared = len(re.findall(r"^\s*BO_ ", text, re.M))
-    signals = len(re.findall(r"^\s*SG_ ", text, re.M))
+    declared, signals = _declared(text)
     read_signals = sum(len(m.signals) for m in db.messages)
     if declared != len(db.messages) or signals != read_signals:
         raise ConfigError(f"looks truncated or damaged: {declared} messages and {signals} "
@@ -135,7 +174,32 @@ def _syntax_location(exc: Exception) -> str:
 
 
 def _message(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if text.startswith('DBC: "') and text.endswith('"'):
-        text = text[6:-1]
-    return text[:200]
+    """cantools' message on one line, its detail kept (``unused VAL_ entries in DBC: VAL_ 945
+    DoorFR``: cantools puts the entries on the lines after the first)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith('DBC: "') and lines[-1].endswith('"'):
+        lines[0], lines[-1] = lines[0][6:], lines[-1][:-1]
+    message = _one_line(" ".join(lines))
+    return message if len(message) <= 300 else message[:300] + "..."
+
+
+def _where(path: Path, exc: Exception, text: str) -> str:
+    """``path:line`` of the first entry cantools' message names on its own line, or ``path``."""
+    entries = [line.strip() for line in str(exc).strip().splitlines()[1:2] if line.strip()]
+    number = _line_of(text, entries[0]) if entries else None
+    return f"{path}:{number}" if number else str(path)
+
+
+def _line_of(text: str, entry: str) -> int | None:
+    """The number of the first line of ``text`` starting with ``entry`` (spaces collapsed)."""
+    words = entry.split()
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.split()[:len(words)] == words:
+            return number
+    return None
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else " " for c in " ".join(text.split()))

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.config import vehicle_id_problem
 from agent.errors import KeyFileError, UserError
 from agent.uplink.keyfiles import read_key_material
 from agent.uplink.signing import (
@@ -100,6 +101,12 @@ def _check_name(name: str, what: str) -> None:
         raise UserError(
             f"{what} {name!r}: use 1-64 letters, digits, '-' or '_' (it becomes a file name)"
         )
+
+
+def _check_vehicle(vin: object) -> None:
+    problem = vehicle_id_problem(vin)
+    if problem:
+        raise UserError(f"--vehicle: {problem}")
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
@@ -469,7 +476,7 @@ def init_pki(
     """
     vins = list(dict.fromkeys(vehicles))  # de-duplicate, keep order
     for vin in vins:
-        _check_name(vin, "vehicle id")
+        _check_vehicle(vin)
         if vin.lower() in _RESERVED:
             raise UserError(f"vehicle id {vin!r}: reserved name")
     directory = _ensure_dir(Path(directory))
@@ -638,7 +645,7 @@ def revoke(
     :returns: the path of ``crl.pem``.
     :raises UserError: unknown vehicle, a certificate missing or not from this CA.
     """
-    _check_name(vehicle, "vehicle id")
+    _check_vehicle(vehicle)
     flag = _reason_flag(reason)
     directory = Path(directory)
     ca = _load_ca(directory)

@@ -31,6 +31,10 @@ log = logging.getLogger("car_agent.replay")
 TX_FULL_GIVE_UP_S = 2.0
 #: Sleep only when a frame is due later than this; closer frames are sent at once.
 SLEEP_THRESHOLD_S = 0.0005
+#: A jump of the capture's clock between two frames larger than this (forward: a far-future
+#: timestamp, a logger's clock step; or backward) is not waited for: the timing re-bases on
+#: the frame after it, with a warning, instead of sleeping for days or raising OverflowError.
+MAX_JUMP_S = 60.0
 TIMING_SAMPLES = 20_000
 
 
@@ -82,6 +86,7 @@ class ReplaySummary:
     flooded: int = 0
     errors: int = 0
     malformed: int = 0
+    jumps: int = 0
     wall_s: float = 0.0
     late: list[float] = field(default_factory=list)   # sampled |actual - due|, seconds
 
@@ -98,6 +103,8 @@ class ReplaySummary:
                  f"{self.errors} send errors"]
         if self.malformed:
             parts.append(f"{self.malformed} malformed lines")
+        if self.jumps:
+            parts.append(f"{self.jumps} clock jump(s) over {MAX_JUMP_S:g} s not waited for")
         if self.dropped or self.withheld or self.flooded:
             parts.append(f"faults: {self.dropped} dropped, {self.withheld} withheld, "
                          f"{self.flooded} flood frames")
@@ -281,7 +288,7 @@ def replay(capture: Path, options: ReplayOptions,
     summary = ReplaySummary()
     rng = random.Random(options.seed)
     buses = _Buses(options)
-    span = capture_span(capture)
+    total = progress_total(capture_span(capture), options)
     sample_every = 1
     senders: dict[int, Callable[[can.Message], None]] = {}
     now = 0.0
@@ -290,6 +297,8 @@ def replay(capture: Path, options: ReplayOptions,
     clock0: float | None = None     # monotonic time of capture time t0
     t0: float | None = None         # capture time of the first frame played
     offset = 0.0                    # capture-time offset of the current loop
+    skipped_s = 0.0                 # capture time not waited for (clock jumps)
+    previous_t: float | None = None
     try:
         for loop in range(max(1, options.loops)):
             with open_capture(capture, options.capture_format) as reader:
@@ -341,8 +350,16 @@ def replay(capture: Path, options: ReplayOptions,
                     if t0 is None:
                         t0 = t
                         clock0 = now = time.monotonic()
+                    if previous_t is not None and abs(t - previous_t) > MAX_JUMP_S:
+                        skipped_s += t - previous_t
+                        summary.jumps += 1
+                        if summary.jumps <= 3:
+                            log.warning("replay: %s: the capture's clock jumps by %.6g s before "
+                                        "frame %d of loop %d; sent without waiting", capture,
+                                        t - previous_t, played, loop + 1)
+                    previous_t = t
                     if options.timing:
-                        due = clock0 + (t - t0) / options.speed
+                        due = clock0 + (t - t0 - skipped_s) / options.speed
                         if options.jitter_s:
                             due += rng.uniform(-options.jitter_s, options.jitter_s)
                         # Read the clock only when this frame may be early: each read is a
@@ -368,8 +385,7 @@ def replay(capture: Path, options: ReplayOptions,
                         now = time.monotonic()
                         if now - last_progress >= 0.25:
                             last_progress = now
-                            progress(summary.sent, (t - t0) if t0 is not None else 0.0,
-                                     None if span is None else span * options.loops)
+                            progress(summary.sent, t - t0 - skipped_s, total)
                 summary.malformed += reader.malformed
                 if stopped:
                     return summary
@@ -383,6 +399,8 @@ def replay(capture: Path, options: ReplayOptions,
                     # The next loop starts one mean frame gap after this loop's last frame.
                     length = win_last - win_first
                     offset += length + length / max(1, played - 1)
+        if progress is not None and t0 is not None:
+            progress(summary.sent, previous_t - t0 - skipped_s, total)   # the final state
         return summary
     finally:
         summary.wall_s = time.monotonic() - started
@@ -407,6 +425,16 @@ def _merge_flood(frames: Iterator[can.Message], options: ReplayOptions,
 def _chain(first: can.Message, rest: Iterator[can.Message]) -> Iterator[can.Message]:
     yield first
     yield from rest
+
+
+def progress_total(span: float | None, options: ReplayOptions) -> float | None:
+    """Capture seconds the replay will play: the ``--start``/``--end`` window of ``span``
+    (seconds from the first to the last frame), once per loop; None if the span is unknown."""
+    if span is None:
+        return None
+    start = max(0.0, options.start or 0.0)
+    end = span if options.end is None else min(span, options.end)
+    return max(0.0, end - start) * max(1, options.loops)
 
 
 def capture_span(path: Path) -> float | None:

@@ -333,8 +333,7 @@ class Agent:
         c = self.decoder.counters
         p = self.policy.counters
         o = self.outbox.stats()
-        return (f"{c.frames} frames, {c.decoded} decoded, {c.error_frames} error frames, "
-                f"{c.wrong_length} wrong length; {p.events} events, {p.snapshots} snapshots "
+        return (f"{c.summary()}; {p.events} events, {p.snapshots} snapshots "
                 f"signed; outbox {o.queued} queued ({o.queued_bytes} B), {o.dropped_full} "
                 f"dropped (full), {o.dropped_age} dropped (age)")
 

@@ -8,6 +8,7 @@ cantools call and a few arithmetic operations per mapped signal.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,44 +22,65 @@ from agent.signals.model import INVALID, VALID, Mapping, SignalSpec
 
 #: A converter turns a raw signal value into (published value, quality).
 Converter = Callable[[Any], "tuple[Any, str]"]
+#: Multiplexer conditions: ((multiplexer signal, raw values selecting the page), ...), outermost
+#: first. Empty for a signal outside any multiplexed page.
+Guard = "tuple[tuple[str, frozenset[int]], ...]"
 _NOT_FOUND = object()
 _NO_UPDATES: tuple = ()
 # CAN FD payload sizes: a message of length n arrives in the next size up.
-_FD_SIZES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64)
+FD_SIZES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64)
+
+
+def frame_size(length: int) -> int:
+    """The size of the frame a message of ``length`` bytes travels in (CAN FD above 8)."""
+    return next((size for size in FD_SIZES if size >= length), length)
 
 
 @dataclass
 class DecodeCounters:
-    """Per-run counters; a frame lands in exactly one of the skip buckets or in ``decoded``."""
+    """Per-run counters: every frame lands in exactly one bucket besides ``frames``."""
 
     frames: int = 0
     decoded: int = 0
+    error_frames: int = 0
+    wrong_length: int = 0
     unchanged: int = 0
     unmapped: int = 0
-    error_frames: int = 0
     remote_frames: int = 0
-    wrong_length: int = 0
     undecodable: int = 0
+    unknown_page: int = 0     # a multiplexer value naming no page (the rest is published)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
+    def summary(self) -> str:
+        """``N frames, N decoded, N error frames, ...``: every bucket, named."""
+        buckets = ", ".join(f"{count} {name.replace('_', ' ')}"
+                            for name, count in self.__dict__.items() if name != "frames")
+        return f"{self.frames} frames, {buckets}"
+
 
 class _Plan:
-    """What to do with one frame id."""
+    """What to do with one frame id: flat decoders for the mapped signals, page by page."""
 
-    __slots__ = ("decode", "lengths", "targets", "mux_signal", "feed", "mux_feeds", "last_data")
+    __slots__ = ("lengths", "steps", "pages", "targets", "feeds", "plain", "feed", "last_data")
 
     def __init__(self, message: Message) -> None:
-        self.decode = message.decode_simple
-        n = message.length
-        fd_size = next((s for s in _FD_SIZES if s >= n), n)
-        self.lengths = frozenset((n, fd_size)) if message.is_fd else frozenset((n,))
-        self.targets: list[tuple[int, str, int | None, Converter]] = []
-        self.mux_signal: str | None = None
+        self.lengths = frozenset((message.length, frame_size(message.length)))
+        self.steps: list[tuple[Guard, Callable]] = []       # outer pages first
+        self.pages: tuple[tuple[str, frozenset[int]], ...] = ()  # each multiplexer: its pages
+        self.targets: list[tuple[int, str, Guard, Converter]] = []
+        self.feeds: list[tuple[Guard, int]] = []
+        self.plain = True                   # no multiplexer: one flat decoder
         self.feed = -1                      # staleness feed of a plain message
-        self.mux_feeds: dict[int, int] = {}  # mux value -> feed, for multiplexed pages
         self.last_data: bytes | None = None
+
+
+def _holds(guard: Guard, values: dict) -> bool:
+    for name, allowed in guard:
+        if values.get(name) not in allowed:
+            return False
+    return True
 
 
 class Decoder:
@@ -66,7 +88,8 @@ class Decoder:
 
     ``paths[i]`` is the VSS path of signal index ``i``. Freshness is tracked per *feed* (a
     frame id, or one page of a multiplexed frame id) so that :meth:`expired` can report signals
-    whose frames stopped arriving.
+    whose frames stopped arriving. A signal on a page is decoded when every multiplexer on its
+    chain (extended multiplexing: ``SG_MUL_VAL_``) has the value selecting that page.
     """
 
     def __init__(self, vdb: VehicleDatabase, mapping: Mapping) -> None:
@@ -78,7 +101,9 @@ class Decoder:
         self.feed_signals: list[list[int]] = []
         self.feed_names: list[str] = []
         self.mux_values: list[int | None] = []   # per signal index: the mux page it reads
-        feed_ids: dict[tuple[int, int | None], int] = {}
+        self.notes: list[str] = []               # what check-config should tell the user
+        feed_ids: dict[tuple[int, Guard], int] = {}
+        wanted: dict[int, dict[str, Signal]] = {}
 
         for index, spec in enumerate(mapping.signals):
             where = f"{mapping.file}: signals.{spec.path}"
@@ -98,31 +123,37 @@ class Decoder:
             plan = self._plans.get(key)
             if plan is None:
                 plan = self._plans[key] = _Plan(message)
+                wanted[key] = {}
+                if message.length > 8:
+                    kind = "CAN FD" if message.is_fd else "CAN FD (not marked FD in the DBC)"
+                    self.notes.append(f"{message.name} ({message.length} bytes) needs {kind}: "
+                                      f"it travels in {frame_size(message.length)}-byte frames")
             mux_value = _mux_value(spec, message, signal, where)
             self.mux_values.append(mux_value)
+            guard = _chain(message, signal, wanted[key])
             if mux_value is not None:
-                plan.mux_signal = signal.multiplexer_signal
-            feed = feed_ids.get((key, mux_value))
+                guard = guard[:-1] + ((signal.multiplexer_signal, frozenset((mux_value,))),)
+            feed = feed_ids.get((key, guard))
             if feed is None:
-                feed = feed_ids[(key, mux_value)] = len(self.feed_timeouts)
+                feed = feed_ids[(key, guard)] = len(self.feed_timeouts)
                 self.feed_timeouts.append(None)
                 self.feed_signals.append([])
-                page = "" if mux_value is None else f"[{plan.mux_signal}={mux_value}]"
-                self.feed_names.append(f"{message.name}{page}")
-                if mux_value is None:
-                    plan.feed = feed
+                page = ",".join(f"{name}={_shown_values(allowed)}" for name, allowed in guard)
+                self.feed_names.append(f"{message.name}[{page}]" if page else message.name)
+                if guard:
+                    plan.feeds.append((guard, feed))
                 else:
-                    plan.mux_feeds[mux_value] = feed
+                    plan.feed = feed
             self.feed_signals[feed].append(index)
-            timeout = _timeout_s(spec, message, mapping, mux_value)
+            timeout = _timeout_s(spec, message, mapping, guard)
             current = self.feed_timeouts[feed]
             if timeout is not None and (current is None or timeout < current):
                 self.feed_timeouts[feed] = timeout
-            plan.targets.append((index, signal.name, mux_value, _converter(spec, signal, where)))
+            plan.targets.append((index, signal.name, guard, _converter(spec, signal, where)))
 
         self._feed_plans: dict[int, _Plan] = {}
         for key, plan in self._plans.items():
-            plan.decode = _bound_decoder(vdb.by_key[key], plan)
+            _bind(vdb.by_key[key], plan, wanted[key], vdb.source.get(key))
             if plan.feed >= 0:
                 self._feed_plans[plan.feed] = plan
         self.feed_seen: list[float | None] = [None] * len(self.feed_timeouts)
@@ -168,34 +199,49 @@ class Decoder:
             counters.wrong_length += 1
             return _NO_UPDATES
         t = msg.timestamp
-        if plan.mux_signal is None:
+        if plan.plain:
             self.feed_seen[plan.feed] = t
             if data == plan.last_data:
                 counters.unchanged += 1
                 return _NO_UPDATES
-        payload = bytes(data)   # also a private copy: the source may reuse its buffer
-        try:
-            raw = plan.decode(payload, False, False)
-        except Exception:  # noqa: BLE001 - cantools' decode errors vary; a bad frame is skipped
-            counters.undecodable += 1
-            return _NO_UPDATES
-        counters.decoded += 1
-        updates = []
-        if plan.mux_signal is None:
+            payload = bytes(data)   # also a private copy: the source may reuse its buffer
+            try:
+                raw = plan.steps[0][1](payload, False, False)
+            except Exception:  # noqa: BLE001 - cantools' decode errors vary; a bad frame is skipped
+                counters.undecodable += 1
+                return _NO_UPDATES
+            counters.decoded += 1
             plan.last_data = payload
-            for index, name, _mux, convert in plan.targets:
+            updates = []
+            for index, name, _guard, convert in plan.targets:
                 value = raw.get(name, _NOT_FOUND)
                 if value is not _NOT_FOUND:
                     updates.append((index, *convert(value)))
             return updates
-        page = raw.get(plan.mux_signal)
-        feed = plan.mux_feeds.get(page)
-        if feed is not None:
-            self.feed_seen[feed] = t
+        payload = bytes(data)
+        raw = {}
+        try:
+            for guard, decode in plan.steps:
+                if _holds(guard, raw):
+                    raw.update(decode(payload, False, False))
+        except Exception:  # noqa: BLE001
+            counters.undecodable += 1
+            return _NO_UPDATES
+        for name, pages in plan.pages:
+            value = raw.get(name, _NOT_FOUND)
+            if value is not _NOT_FOUND and value not in pages:
+                counters.unknown_page += 1
+                break
+        else:
+            counters.decoded += 1
         if plan.feed >= 0:
             self.feed_seen[plan.feed] = t
-        for index, name, mux, convert in plan.targets:
-            if mux is not None and mux != page:
+        for guard, feed in plan.feeds:
+            if _holds(guard, raw):
+                self.feed_seen[feed] = t
+        updates = []
+        for index, name, guard, convert in plan.targets:
+            if guard and not _holds(guard, raw):
                 continue
             value = raw.get(name, _NOT_FOUND)
             if value is not _NOT_FOUND:
@@ -246,22 +292,106 @@ def _shown(text: str) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def _bound_decoder(message: Message, plan: _Plan) -> Callable:
-    """The bound decoder of a message; for a message cantools cannot decode as a whole
-    (overlapping signals in real DBCs, loaded non-strictly), one over just the mapped signals."""
-    try:
-        message.decode_simple(bytes(message.length), False, False)
-        return message.decode_simple
-    except Exception:  # noqa: BLE001 - any failure means "decode the mapped signals only"
-        pass
-    wanted = {name for _, name, _, _ in plan.targets}
-    if plan.mux_signal is not None:
-        wanted.add(plan.mux_signal)
-    reduced = Message(frame_id=message.frame_id, name=message.name, length=message.length,
-                      signals=[s for s in message.signals if s.name in wanted],
-                      is_extended_frame=message.is_extended_frame, is_fd=message.is_fd,
-                      strict=False)
-    return reduced.decode_simple
+def _shown_values(values: frozenset[int]) -> str:
+    return "|".join(map(str, sorted(values)))
+
+
+def _chain(message: Message, signal: Signal, wanted: dict[str, Signal]) -> Guard:
+    """The multiplexer conditions under which ``signal`` is in a frame, outermost first; the
+    signal and every multiplexer on its chain are added to ``wanted``."""
+    wanted[signal.name] = signal
+    if signal.multiplexer_signal is None:
+        return ()
+    mux = message.get_signal_by_name(signal.multiplexer_signal)
+    return _chain(message, mux, wanted) + ((mux.name, frozenset(signal.multiplexer_ids or ())),)
+
+
+def _bind(message: Message, plan: _Plan, wanted: dict[str, Signal], source: Any) -> None:
+    """The flat decoders of ``plan``: one per group of wanted signals under the same
+    multiplexer conditions, so a page whose value names no page costs only its own signals.
+    Mapped signals that can never decode (overlapping, beyond the message) fail here."""
+    where = f"{source}: " if source is not None else ""
+    _check_layout(message, wanted, where)
+    for signal in message.signals:
+        # Top-level multiplexers decide every page: decoding them too lets a frame whose
+        # value names no page be counted as such (unless they cannot decode: left out).
+        if signal.is_multiplexer and signal.multiplexer_signal is None \
+                and signal.name not in wanted:
+            try:
+                _check_layout(message, {**wanted, signal.name: signal}, where)
+            except ConfigError:
+                continue
+            wanted[signal.name] = signal
+    groups: dict[Guard, list[Signal]] = {}
+    for signal in wanted.values():
+        groups.setdefault(_chain(message, signal, {}), []).append(signal)
+    for guard in sorted(groups, key=len):
+        flat = Message(frame_id=message.frame_id, name=message.name, length=message.length,
+                       signals=[_unpaged(s) for s in groups[guard]],
+                       is_extended_frame=message.is_extended_frame, is_fd=message.is_fd,
+                       strict=False)
+        try:
+            flat.decode_simple(bytes(message.length), False, False)
+        except Exception as exc:  # noqa: BLE001 - cantools' errors vary
+            names = ", ".join(s.name for s in groups[guard])
+            raise ConfigError(f"{where}message {message.name}: signals {names} cannot be "
+                              f"decoded: {_one_line(exc)}") from None
+        plan.steps.append((guard, flat.decode_simple))
+    muxes = [s for s in wanted.values() if s.is_multiplexer]
+    plan.plain = not muxes
+    plan.pages = tuple((mux.name, _pages(message, mux)) for mux in muxes)
+
+
+def _unpaged(signal: Signal) -> Signal:
+    flat = copy.copy(signal)
+    flat.is_multiplexer = False
+    flat.multiplexer_ids = None
+    flat.multiplexer_signal = None
+    return flat
+
+
+def _pages(message: Message, mux: Signal) -> frozenset[int]:
+    """The values of ``mux`` that name a page (as cantools decodes them: a page's signals'
+    multiplexer ids, and the value table's values)."""
+    pages = {i for s in message.signals if s.multiplexer_signal == mux.name
+             for i in (s.multiplexer_ids or ())}
+    pages.update(int(v) for v in (mux.choices or {}))
+    return frozenset(pages)
+
+
+def _bits(signal: Signal) -> set[int]:
+    """The payload bits of a signal, as byte * 8 + bit (bit 0 = least significant)."""
+    if signal.byte_order == "little_endian":
+        return set(range(signal.start, signal.start + signal.length))
+    # Motorola: start is the most significant bit; walk down through the bytes.
+    bits, position = set(), signal.start
+    for _ in range(signal.length):
+        bits.add(position)
+        position = position - 1 if position % 8 else position + 15
+    return bits
+
+
+def _check_layout(message: Message, wanted: dict[str, Signal], where: str) -> None:
+    size = message.length * 8
+    signals = list(wanted.values())
+    for signal in signals:
+        if any(not 0 <= bit < size for bit in _bits(signal)):
+            raise ConfigError(f"{where}message {message.name}: signal {signal.name} "
+                              f"({signal.start}|{signal.length}) does not fit in its "
+                              f"{message.length} bytes: it can never decode")
+    guards = {s.name: dict(_chain(message, s, {})) for s in signals}
+    for i, one in enumerate(signals):
+        for other in signals[i + 1:]:
+            a, b = guards[one.name], guards[other.name]
+            if any(name in b and not a[name] & b[name] for name in a):
+                continue      # on different pages: never in the same frame
+            if _bits(one) & _bits(other):
+                raise ConfigError(f"{where}message {message.name}: signals {one.name} and "
+                                  f"{other.name} overlap: they can never both decode")
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _mux_value(spec: SignalSpec, message: Message, signal: Signal, where: str) -> int | None:
@@ -294,14 +424,15 @@ def _mux_value(spec: SignalSpec, message: Message, signal: Signal, where: str) -
 
 
 def _timeout_s(spec: SignalSpec, message: Message, mapping: Mapping,
-               mux_value: int | None) -> float | None:
+               guard: Guard) -> float | None:
     if spec.timeout_ms is not None:
         return spec.timeout_ms / 1000.0
     if message.cycle_time:
         cycle = message.cycle_time / 1000.0
-        if mux_value is not None:
-            # Each page comes once per round of pages.
-            pages = {p for s in message.signals for p in (s.multiplexer_ids or ())}
+        for mux, _values in guard:
+            # Each page comes once per round of its multiplexer's pages (at every level).
+            pages = {p for s in message.signals if s.multiplexer_signal == mux
+                     for p in (s.multiplexer_ids or ())}
             cycle *= max(1, len(pages))
         return cycle * mapping.stale_factor
     if mapping.default_timeout_ms is not None:

@@ -26,7 +26,7 @@ class Vehicle:
 def load_vehicle(config_path: str | Path) -> Vehicle:
     """Load config, DBCs and mapping; raise ConfigError naming the file and key at fault."""
     config = load_config(config_path)
-    database = load_dbcs(config.dbc)
+    database = load_dbcs(config.dbc, config.dbc_encodings)
     mapping = load_mapping(config.mapping)
     vehicle = Vehicle(config, database, mapping)
     vehicle.decoder()  # binds mapping to DBC: every mapped message/signal must exist

@@ -31,11 +31,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dh, dsa, ec, ed448, ed25519, rsa, x448, x25519
+from cryptography.x509.oid import NameOID
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
 
+from agent.config import vehicle_id_problem
 from agent.errors import ConfigError, KeyFileError
 from agent.uplink.keyfiles import read_key_material
 
@@ -323,9 +325,12 @@ class Signer:
 
         The payload is canonical JSON (sorted keys, no whitespace, UTF-8) so the same
         claims always produce the same payload bytes.
+
+        :raises ValueError: if a claim holds NaN or an infinity (not JSON).
         """
+        # allow_nan=False: NaN/Infinity are not JSON; a verifier would reject the message.
         payload = json.dumps(
-            claims, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+            claims, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode()
         signing_input = self._prefix + b64url_encode(payload).encode("ascii")
         key = self._key
@@ -469,6 +474,24 @@ def _certificate_from_jwk(jwk: dict[str, Any], key: PublicKey) -> x509.Certifica
     return cert
 
 
+def _bound_vehicle(jwk: dict[str, Any], cert: x509.Certificate | None, where: str) -> str:
+    """The vehicle a trust key signs for: its ``vid`` member, else its certificate's CN.
+
+    (A certificate naming another vehicle than ``vid`` is the revocation check's to reject.)
+    """
+    vid = jwk.get("vid")
+    if vid is not None:
+        problem = vehicle_id_problem(vid)
+        if problem:
+            raise ConfigError(f"{where}: 'vid': {problem}")
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if cert is not None else []
+    cn = str(names[0].value) if names else None
+    if vid is None and cn is None:
+        raise ConfigError(f"{where}: bound to no vehicle (no 'vid' and no 'x5c' certificate "
+                          "with a CN); such a key would verify any vehicle's messages")
+    return vid if vid is not None else cn
+
+
 class Verifier:
     """Verifies JWS compact tokens against a fixed JWK Set, looking keys up by ``kid``."""
 
@@ -507,7 +530,8 @@ class Verifier:
                 raise ConfigError(f"{where}: duplicate kid {kid!r} (also keys[{first_index[kid]}])")
             first_index[kid] = index
             self._keys[kid] = (alg, key)
-            self._jwks[kid] = dict(jwk)
+            # Fail closed: a key bound to no vehicle would verify messages of every vehicle.
+            self._jwks[kid] = dict(jwk, vid=_bound_vehicle(jwk, cert, f"{where} (kid {kid})"))
             if cert is not None:
                 self._certs[kid] = cert
 
@@ -541,7 +565,8 @@ class Verifier:
         return frozenset(self._keys)
 
     def jwk(self, kid: str) -> dict[str, Any] | None:
-        """The JWK (as given, with extra members such as ``vid``) for ``kid``, or None."""
+        """The JWK (as given, with extra members) for ``kid``, or None. Its ``vid`` is the
+        vehicle the key is bound to: the JWK's own ``vid``, else its certificate's CN."""
         jwk = self._jwks.get(kid)
         return None if jwk is None else dict(jwk)
 

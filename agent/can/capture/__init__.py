@@ -13,7 +13,7 @@ import zlib
 from pathlib import Path
 
 from agent.errors import UserError
-from .base import CaptureReader
+from .base import CaptureReader, read_line
 from .candump import CandumpReader, format_candump
 from .pythoncan import PythonCanReader
 
@@ -42,9 +42,11 @@ def _sniff_log(path: Path, compressed: bool) -> str:
     try:
         with _open_text(path, compressed) as f:
             for _ in range(50):
-                line = f.readline()
-                if not line:
+                line = read_line(f.readline)
+                if line == "":
                     break
+                if line is None:
+                    continue    # an overlong line: skipped, not held in memory
                 text = line.strip()
                 if not text:
                     continue

@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 from pathlib import Path
+import math
 from typing import IO, Iterator
 
 import can
 
 #: How many malformed line numbers a reader remembers to show the user.
 FIRST_MALFORMED = 5
+#: Longest text line read whole (a CAN FD frame in ASC is ~400 characters); a longer one is
+#: skipped to its newline in chunks, so memory is bounded by this, not by the file's lines.
+MAX_LINE = 4096
+_SKIP_CHUNK = 64 * 1024
+_FORMAT_NAMES = {"candump": "candump -L", "asc": "Vector ASC", "blf": "Vector BLF",
+                 "trc": "PEAK TRC"}
+LINE_ENDS = ("\n", "\r")
+
+
+def read_line(readline, limit: int = MAX_LINE) -> str | None:
+    """The next line from ``readline`` (a text file's), "" at the end of the file, or None for
+    a line longer than ``limit``, whose rest is read and dropped chunk by chunk."""
+    line = readline(limit + 1)
+    if len(line) <= limit or line.endswith(LINE_ENDS):
+        return line
+    skip_rest(readline)
+    return None
+
+
+def skip_rest(readline) -> None:
+    """Read and drop the rest of an overlong line, up to and including its newline."""
+    while True:
+        rest = readline(_SKIP_CHUNK)
+        if not rest or rest.endswith(LINE_ENDS):
+            return
+
+
+def finite(timestamp: float) -> bool:
+    """A timestamp that can be published: NaN and infinities are not JSON and order nothing."""
+    return math.isfinite(timestamp)
 
 
 class CaptureReader:
@@ -25,9 +56,14 @@ class CaptureReader:
         self.malformed = 0
         self.first_malformed: list[tuple[int, str]] = []   # (line number or -1, reason)
         self.error: str | None = None                      # a fatal read error, if any
+        self.not_a_capture = False    # nothing in the file looked like this format at all
 
     def __iter__(self) -> Iterator[can.Message]:
         raise NotImplementedError
+
+    def _not_a_capture(self, detail: str) -> None:
+        self.error = f"not a capture file (expected {_FORMAT_NAMES[self.format]}: {detail})"
+        self.not_a_capture = True
 
     def _bad(self, line: int, reason: str) -> None:
         self.malformed += 1

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import can
 
-from .base import CaptureReader
+from .base import LINE_ENDS, CaptureReader, finite, skip_rest
 
 CAN_ERR_FLAG = 0x20000000
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -33,10 +33,16 @@ class CandumpReader(CaptureReader):
 
     def _lines(self, want: str | None) -> Iterator[can.Message]:
         number = 0
-        for line in self.handle:
+        readline = self.handle.readline
+        limit = MAX_LINE + 1
+        while True:
+            line = readline(limit)     # bounded: memory never holds more than one short line
+            if not line:
+                return
             number += 1
             self.lines_read = number
-            if len(line) > MAX_LINE:
+            if len(line) == limit and not line.endswith(LINE_ENDS):
+                skip_rest(readline)
                 self._bad(number, "line too long")
                 continue
             parts = line.split()
@@ -65,7 +71,7 @@ def parse_fields(parts: list[str]) -> can.Message:
         timestamp = float(stamp[1:-1])
     except ValueError:
         raise ValueError("bad timestamp") from None
-    if timestamp != timestamp or timestamp in (float("inf"), float("-inf")):
+    if not finite(timestamp):
         raise ValueError("bad timestamp")
     ident, sep, payload = parts[2].partition("#")
     if not sep or len(ident) not in (3, 8) or not _HEX.issuperset(ident):

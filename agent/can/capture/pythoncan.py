@@ -8,17 +8,29 @@ copy of the reader (header state kept) on the rest of the file, so one bad line 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import zlib
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 import can
 
-from .base import CaptureReader
+from .base import CaptureReader, finite, read_line
+
+# python-can's text readers log a warning per line they cannot parse; we count and report
+# those lines ourselves (once, with line numbers), so their per-line warnings are noise.
+logging.getLogger("can.io.trc").setLevel(logging.ERROR)
+logging.getLogger("can.io.asc").setLevel(logging.ERROR)
 
 _READERS = {"asc": can.ASCReader, "trc": can.TRCReader, "blf": can.BLFReader}
 # Vector tools number channels from 1; python-can reports them from 0.
 _ONE_BASED = frozenset(("asc", "blf"))
+# Lines only a capture of that format has (its header): a file with neither these nor a
+# single frame is not a capture, whatever its name says.
+_HEADER_MARKS = {"asc": ("date ", "base ", "begin triggerblock", "internal events logged",
+                         "no internal events logged", "// version"),
+                 "trc": (";",)}
+_HEADER_LINES = 100
 
 
 class _CountingLines:
@@ -26,10 +38,14 @@ class _CountingLines:
     cannot be read any further (a truncated or corrupt .gz), instead of raising into python-can,
     which would take it for one bad line and try again forever."""
 
-    def __init__(self, handle: IO) -> None:
+    def __init__(self, handle: IO, too_long: Callable[[int], None],
+                 marks: tuple[str, ...]) -> None:
         self.handle = handle
         self.number = 0
         self.failed: Exception | None = None
+        self.too_long = too_long    # called with the number of a line too long to read
+        self.marks = marks
+        self.header_seen = False    # a line of the format's header among the first lines
 
     def __iter__(self) -> "_CountingLines":
         return self
@@ -44,12 +60,16 @@ class _CountingLines:
         if self.failed is not None:
             return ""
         try:
-            line = self.handle.readline()
+            line = read_line(self.handle.readline)
         except (OSError, EOFError, zlib.error) as exc:
             self.failed = exc
             return ""
-        if line:
-            self.number += 1
+        self.number += 1 if line != "" else 0
+        if line is None:
+            self.too_long(self.number)
+            return "\n"    # an empty line: python-can's readers skip it
+        if not self.header_seen and self.number <= _HEADER_LINES:
+            self.header_seen = line.lstrip().lower().startswith(self.marks)
         return line
 
     def close(self) -> None:
@@ -60,6 +80,12 @@ class PythonCanReader(CaptureReader):
     def __init__(self, path, handle, fmt: str, channel: str | None) -> None:
         super().__init__(path, handle, channel)
         self.format = fmt
+        self._lines: _CountingLines | None = None   # text formats: where the reader is
+        self._parsed = 0                             # frames python-can made of the file
+
+    def _position(self) -> int:
+        """The line being read (text formats), or -1 where there are no lines (BLF)."""
+        return -1 if self._lines is None else self._lines.number
 
     def __iter__(self) -> Iterator[can.Message]:
         if self.format == "blf":
@@ -71,6 +97,10 @@ class PythonCanReader(CaptureReader):
         want = self.channel
         one_based = self.format in _ONE_BASED
         for msg in messages:
+            self._parsed += 1
+            if not finite(msg.timestamp):
+                self._bad(self._position(), "bad timestamp")
+                continue
             chan = msg.channel
             if isinstance(chan, int):
                 msg.channel = str(chan + 1 if one_based else chan)
@@ -83,13 +113,15 @@ class PythonCanReader(CaptureReader):
             yield msg
 
     def _text(self) -> Iterator[can.Message]:
-        lines = _CountingLines(self.handle)
+        lines = self._lines = _CountingLines(
+            self.handle, lambda number: self._bad(number, "line too long"),
+            _HEADER_MARKS[self.format])
         try:
             # Absolute timestamps (from the ASC header's date) like candump's, not from 0.
             kwargs = {"relative_timestamp": False} if self.format == "asc" else {}
             reader = _READERS[self.format](lines, **kwargs)
         except Exception as exc:  # noqa: BLE001
-            self.error = f"not a readable {self.format.upper()} file ({exc})"
+            self._not_a_capture(str(exc)[:80] or type(exc).__name__)
             return
         iterator = iter(reader)
         while True:
@@ -98,11 +130,14 @@ class PythonCanReader(CaptureReader):
             except StopIteration:
                 if lines.failed is not None:
                     self.error = f"unreadable after line {lines.number}: {lines.failed}"
+                elif not self._parsed and not lines.header_seen and lines.number:
+                    self._not_a_capture(f"no {self.format.upper()} header and no frame in "
+                                        f"{lines.number} line(s)")
                 return
             except Exception as exc:  # noqa: BLE001 - python-can raises ValueError, IndexError...
                 if self.frames == 0 and self.malformed == 0 and str(exc).startswith("File has no"):
                     # A header problem (TRC without $STARTTIME/$COLUMNS): nothing after it parses.
-                    self.error = f"not a readable {self.format.upper()} file ({exc})"
+                    self._not_a_capture(str(exc)[:80])
                     return
                 self._bad(lines.number, type(exc).__name__ if not str(exc) else str(exc)[:60])
                 resumed = copy.copy(reader)
@@ -116,6 +151,10 @@ class PythonCanReader(CaptureReader):
         actual = None if compressed else os.fstat(self.handle.fileno()).st_size
         try:
             reader = can.BLFReader(self.handle)
+        except Exception as exc:  # noqa: BLE001 - no BLF signature/header: not a BLF file
+            self._not_a_capture(str(exc)[:80] or type(exc).__name__)
+            return
+        try:
             yield from reader
             # python-can stops quietly at a truncated file; the header knows the real size.
             expected = getattr(reader, "file_size", None)
