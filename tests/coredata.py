@@ -153,3 +153,20 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# Extended multiplexing (SG_MUL_VAL_): Page M; SubPage m1M under Page; FuelPct on Page 0;
+# RangeKm on SubPage 2 (issue 16's reproducer).
+EXT_DBC = DBC_HEADER + (
+    "BO_ 1280 Info: 8 ECU\n"
+    ' SG_ Page M : 0|4@1+ (1,0) [0|15] "" ECU\n'
+    ' SG_ SubPage m1M : 4|4@1+ (1,0) [0|15] "" ECU\n'
+    ' SG_ FuelPct m0 : 8|8@1+ (1,0) [0|100] "%" ECU\n'
+    ' SG_ RangeKm m2 : 16|16@1+ (1,0) [0|1000] "km" ECU\n'
+    ' SG_ Counter : 56|8@1+ (1,0) [0|255] "" ECU\n\n'
+    'BA_DEF_ BO_ "GenMsgCycleTime" INT 0 10000;\n'
+    'BA_ "GenMsgCycleTime" BO_ 1280 50;\n\n'
+    "SG_MUL_VAL_ 1280 SubPage Page 1-1;\n"
+    "SG_MUL_VAL_ 1280 FuelPct Page 0-0;\n"
+    "SG_MUL_VAL_ 1280 RangeKm SubPage 2-2;\n"
+)

@@ -163,7 +163,7 @@ def test_extended_multiplexing_decodes_as_cantools(extended_dbc: Path, seed: int
 
 @pytest.fixture(scope="module")
 def extended_dbc(tmp_path_factory) -> Path:
-    from test_decode import EXT_DBC
+    from coredata import EXT_DBC
 
     path = tmp_path_factory.mktemp("ext") / "extended.dbc"
     path.write_text(EXT_DBC)

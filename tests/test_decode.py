@@ -16,7 +16,7 @@ from agent.errors import ConfigError
 from agent.signals.decoder import Decoder
 from agent.signals.mapping import load_mapping
 from agent.signals.model import INVALID, QUALITIES, VALID
-from coredata import (ABS, AIR, AMBIENT_ID, BODY_ID, CLOSED, CLUSTER_ID, CLUSTER_PATHS,
+from coredata import (ABS, AIR, AMBIENT_ID, BODY_ID, CLOSED, CLUSTER_ID, CLUSTER_PATHS, EXT_DBC,
                       DBC_HEADER, DEMO_DBC, ERROR, HOOD, IS_LOCKED, IS_OPEN, LOW, OPEN, RANGE,
                       REL, SNA, TRUNK, WINDOW_ID, WINDOWS, ambient, ambient_payload, body,
                       body_payload, checksum, cluster, cluster_payload, demo_decoder, frame,
@@ -421,19 +421,6 @@ def test_decode_never_raises_and_counts_every_frame_once(frames):
 
 # -- extended multiplexing (issue 16.1) ---------------------------------------------------------
 
-EXT_DBC = DBC_HEADER + (
-    "BO_ 1280 Info: 8 ECU\n"
-    ' SG_ Page M : 0|4@1+ (1,0) [0|15] "" ECU\n'
-    ' SG_ SubPage m1M : 4|4@1+ (1,0) [0|15] "" ECU\n'
-    ' SG_ FuelPct m0 : 8|8@1+ (1,0) [0|100] "%" ECU\n'
-    ' SG_ RangeKm m2 : 16|16@1+ (1,0) [0|1000] "km" ECU\n'
-    ' SG_ Counter : 56|8@1+ (1,0) [0|255] "" ECU\n\n'
-    'BA_DEF_ BO_ "GenMsgCycleTime" INT 0 10000;\n'
-    'BA_ "GenMsgCycleTime" BO_ 1280 50;\n\n'
-    "SG_MUL_VAL_ 1280 SubPage Page 1-1;\n"
-    "SG_MUL_VAL_ 1280 FuelPct Page 0-0;\n"
-    "SG_MUL_VAL_ 1280 RangeKm SubPage 2-2;\n"
-)
 EXT_MAPPING = ("signals:\n"
                "  Vehicle.Powertrain.FuelSystem.RelativeLevel: {message: Info, signal: FuelPct}\n"
                "  Vehicle.Powertrain.FuelSystem.Range: {message: Info, signal: RangeKm, "
