@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test venv clean system-deps-demo system-deps-test
+.PHONY: demo test bench venv clean system-deps-demo system-deps-test
 
 demo: system-deps-demo $(STAMP)
 	$(PY) tools/demo.py
@@ -17,6 +17,10 @@ demo: system-deps-demo $(STAMP)
 test: system-deps-test $(STAMP)
 	$(PY) -m pytest tests
 	tools/vcan-vm --host-if-possible -- env CAR_AGENT_IN_VCAN=1 $(PY) -m pytest -p no:cacheprovider tests/guest
+
+# Not a test: measures what the agent costs (one table, and bench-results.json); never fails on speed.
+bench: system-deps-test $(STAMP)
+	$(PY) tools/bench.py
 
 venv: $(STAMP)
 
