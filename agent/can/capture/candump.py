@@ -3,21 +3,35 @@
 Our own reader rather than python-can's: python-can's stops at the first malformed line (and
 has no line numbers to report), and a plain split parser is ~3x faster on the hot path.
 Also reads CAN FD (``123##1...``), remote (``123#R``) and error frames (id with CAN_ERR_FLAG).
+
+The file is read in blocks and split on newlines (a line is still bounded: one longer than
+:data:`MAX_LINE` is skipped); a file with carriage returns is read line by line from there on,
+so line numbers are those of any text reader. :meth:`CandumpReader.filtered` is the fast path
+of ``decode``: a frame whose id is not wanted is checked for well-formedness and counted,
+never converted into a :class:`can.Message`.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import zlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import can
 
-from .base import LINE_ENDS, CaptureReader, finite, skip_rest
+from .base import EXTENDED_KEY, LINE_ENDS, CaptureReader, Clock, finite, skip_rest
 
 CAN_ERR_FLAG = 0x20000000
 _HEX = frozenset("0123456789abcdefABCDEF")
 _FD_LENGTHS = frozenset((0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64))
 MAX_LINE = 1024
+_LIMIT = MAX_LINE + 1          # a line of this many characters without its newline is too long
+_BLOCK = 64 * 1024             # characters read at a time (memory: one block and one line)
+_BATCH = 512                   # lines per batch in line-by-line mode
+_IDS_REMEMBERED = 4096         # distinct id texts whose meaning is kept (bounded by this)
+_NOT_SIMPLE = -1               # an id text that needs the full parser (error frame, invalid)
+_TOO_LONG = None               # a batch's placeholder for a line longer than MAX_LINE
 
 
 class CandumpReader(CaptureReader):
@@ -25,39 +39,207 @@ class CandumpReader(CaptureReader):
     lines_read = 0
 
     def __iter__(self) -> Iterator[can.Message]:
-        try:
-            yield from self._lines(self.channel)
-        except (OSError, EOFError, zlib.error) as exc:
-            # A truncated or corrupt .gz: what was read stands, the rest is reported.
-            self.error = f"unreadable after line {self.lines_read}: {exc}"
-
-    def _lines(self, want: str | None) -> Iterator[can.Message]:
-        number = 0
-        readline = self.handle.readline
-        limit = MAX_LINE + 1
-        while True:
-            line = readline(limit)     # bounded: memory never holds more than one short line
-            if not line:
-                return
-            number += 1
-            self.lines_read = number
-            if len(line) == limit and not line.endswith(LINE_ENDS):
-                skip_rest(readline)
-                self._bad(number, "line too long")
-                continue
-            parts = line.split()
-            if not parts or parts[0].startswith("#"):
-                continue
-            try:
-                msg = parse_fields(parts)
-            except ValueError as exc:
-                self._bad(number, str(exc))
+        want = self.channel
+        for number, line in self._numbered():
+            msg = self._parse(number, line)
+            if msg is None:
                 continue
             if want is not None and msg.channel != want:
                 self.other_channel += 1
                 continue
             self.frames += 1
             yield msg
+
+    def filtered(self, keys: frozenset[int], clock: Clock) -> Iterator[can.Message | float]:
+        """See :meth:`CaptureReader.filtered`. A line of an unwanted id is checked as
+        thoroughly as by :meth:`__iter__` (a malformed one is reported the same) but never
+        made into a :class:`can.Message`."""
+        want = self.channel
+        meaning: dict[str, int] = {}
+        fromhex = bytes.fromhex
+        # Timestamps are compared as the integer of their digits (exact) against a bound 1 ms
+        # below next_check: float() of a 17-digit timestamp costs more than the rest of the
+        # line. The bound holds for one layout (length, decimals) and one next_check.
+        check = bound = None
+        layout = dot = 0
+        number = unwanted = 0
+        try:
+            for batch in self._batches():
+                for line in batch:
+                    number += 1
+                    if line is _TOO_LONG:
+                        self._bad(number, "line too long")
+                        continue
+                    parts = line.split()
+                    if len(parts) == 3:
+                        stamp, chan, frame = parts
+                        if frame[3:4] == "#":
+                            ident, payload = frame[:3], frame[4:]
+                        elif frame[8:9] == "#":
+                            ident, payload = frame[:8], frame[9:]
+                        else:
+                            ident = ""
+                        key = meaning.get(ident)
+                        if key is None:
+                            key = _simple_key(ident)
+                            if len(meaning) < _IDS_REMEMBERED:
+                                meaning[ident] = key
+                        if key >= 0 and key not in keys and (chan == want or want is None) \
+                                and len(payload) <= 16 and stamp[0] == "(" and stamp[-1] == ")":
+                            digits = stamp[1:-1]
+                            if "_" not in digits and len(digits) < 300 \
+                                    and payload[:1] not in "#Rr":
+                                try:
+                                    fromhex(payload)
+                                    ticks = int(digits.replace(".", "", 1))
+                                except ValueError:
+                                    pass          # the full parser says what is wrong
+                                else:
+                                    if len(payload) % 2 == 0:
+                                        unwanted += 1
+                                        if check != clock.next_check or len(digits) != layout \
+                                                or digits[dot] != ".":
+                                            check = clock.next_check
+                                            layout, dot, bound = _layout_bound(digits, check)
+                                        if bound is None or ticks >= bound:
+                                            t = float(digits)
+                                            if t >= check:
+                                                yield t
+                                        continue
+                    msg = self._parse(number, line, parts)
+                    if msg is None:
+                        continue
+                    if want is not None and msg.channel != want:
+                        self.other_channel += 1
+                        continue
+                    if msg.is_error_frame or (msg.arbitration_id | EXTENDED_KEY
+                                              if msg.is_extended_id else msg.arbitration_id) in keys:
+                        self.frames += 1
+                        yield msg
+                        continue
+                    unwanted += 1
+                    if msg.timestamp >= clock.next_check:
+                        yield msg.timestamp
+                self.lines_read = number
+        except (OSError, EOFError, zlib.error) as exc:
+            self.error = f"unreadable after line {number}: {exc}"
+        finally:
+            self.frames += unwanted
+            self.unwanted += unwanted
+
+    def _parse(self, number: int, line: str | None,
+               parts: list[str] | None = None) -> can.Message | None:
+        """The frame on a line; None for a blank line, a comment or a malformed line (counted)."""
+        if line is _TOO_LONG:
+            self._bad(number, "line too long")
+            return None
+        if parts is None:
+            parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            return None
+        try:
+            return parse_fields(parts)
+        except ValueError as exc:
+            self._bad(number, str(exc))
+            return None
+
+    def _numbered(self) -> Iterator[tuple[int, str | None]]:
+        """(line number, line) for every line; None in place of an overlong line."""
+        number = 0
+        try:
+            for batch in self._batches():
+                for line in batch:
+                    number += 1
+                    yield number, line
+                self.lines_read = number
+        except (OSError, EOFError, zlib.error) as exc:
+            # A truncated or corrupt .gz: what was read stands, the rest is reported.
+            self.error = f"unreadable after line {number}: {exc}"
+
+    def _batches(self) -> Iterator[list[str | None]]:
+        """Lists of lines (without their newline), None for an overlong one. Blocks split on
+        newlines while the file has no carriage return and no overlong line; from the first
+        of those on, line by line, as Python's text files split lines."""
+        read = self.handle.read
+        carry = ""
+        while True:
+            block = read(_BLOCK)
+            if not block:
+                if carry:
+                    yield [carry if len(carry) < _LIMIT else _TOO_LONG]
+                return
+            text = carry + block if carry else block
+            if "\r" in block:
+                break
+            cut = text.rfind("\n")
+            carry = text[cut + 1:]
+            if cut >= 0:
+                lines = text[:cut].split("\n")
+                if max(map(len, lines)) >= _LIMIT:
+                    lines = [line if len(line) < _LIMIT else _TOO_LONG for line in lines]
+                yield lines
+            if len(carry) >= _LIMIT:
+                text = carry
+                break
+        yield from _line_batches(self._readline_after(text))
+
+    def _readline_after(self, pending: str) -> Callable[[int], str]:
+        """A readline over ``pending`` (read already, from a line's start) and then the rest
+        of the file, splitting lines exactly as the file's own readline does."""
+        if pending.endswith("\r"):
+            pending += self.handle.read(1)            # "\r\n" is one line end, not two
+        if not pending.endswith(LINE_ENDS):
+            rest = self.handle.readline(_LIMIT)       # the rest of the last line read
+            pending += rest
+            if len(rest) == _LIMIT and not rest.endswith(LINE_ENDS):
+                skip_rest(self.handle.readline)       # overlong: dropped to its newline
+                pending += "\n"
+        head = io.StringIO(pending, newline="").readline
+        tail = self.handle.readline
+
+        def readline(limit: int) -> str:
+            return head(limit) or tail(limit)
+
+        return readline
+
+
+def _layout_bound(digits: str, check: float) -> tuple[int, int, int | None]:
+    """(length, index of the dot, bound): timestamps of that layout whose digits, as one
+    integer, are below the bound are surely below ``check``; None: no such bound."""
+    dot = digits.find(".")
+    decimals = len(digits) - dot - 1
+    if dot < 0 or decimals > 9 or not abs(check) < 1e12:
+        return len(digits), max(dot, 0), None
+    # 1 ms below: far more than the float error of the product (< 1e-4 s at these sizes).
+    return len(digits), dot, int(math.floor((check - 1e-3) * 10 ** decimals)) - 1
+
+
+def _simple_key(ident: str) -> int:
+    """The frame key of a data frame's id text, or _NOT_SIMPLE (error frame, or invalid: the
+    full parser handles and reports those)."""
+    if len(ident) not in (3, 8) or not _HEX.issuperset(ident):
+        return _NOT_SIMPLE
+    can_id = int(ident, 16)
+    if len(ident) == 3:
+        return can_id if can_id <= 0x7FF else _NOT_SIMPLE
+    return can_id | EXTENDED_KEY if can_id <= 0x1FFFFFFF else _NOT_SIMPLE
+
+
+def _line_batches(readline: Callable[[int], str]) -> Iterator[list[str | None]]:
+    while True:
+        batch: list[str | None] = []
+        for _ in range(_BATCH):
+            line = readline(_LIMIT)     # bounded: memory never holds more than one short line
+            if not line:
+                break
+            if len(line) == _LIMIT and not line.endswith(LINE_ENDS):
+                skip_rest(readline)
+                line = _TOO_LONG
+            batch.append(line)
+        if batch:
+            yield batch
+        if len(batch) < _BATCH:
+            return
 
 
 def parse_fields(parts: list[str]) -> can.Message:

@@ -1,0 +1,150 @@
+"""The decode fast path (CaptureReader.filtered + SignalPipeline.run_capture) against the plain
+path (every frame a can.Message through SignalPipeline.run): the same changes, in the same
+order with the same times, and the same counts, malformed-line reports and channel counts, on
+the same captures: a simulated drive (multiplexed WindowStatus, a 29-bit id, stale signals)
+and hand-written lines of every kind the reader knows or refuses."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from agent.can.capture import open_capture
+from agent.can.capture.base import EXTENDED_KEY as CAPTURE_EXTENDED_KEY
+from agent.can.dbc import EXTENDED_KEY
+from agent.dev.simulate import write_capture
+from agent.signals.model import STALE
+from agent.signals.state import STALE_CHECK_INTERVAL, SignalPipeline
+from coredata import (BODY_ID, BODY_PATHS, CLUSTER_ID, WINDOW_ID, body_payload, demo_decoder,
+                      demo_vehicle)
+
+
+def both_paths(path: Path, fmt: str | None = None, channel: str | None = None):
+    """(changes, counters, reader facts) by the plain path and by the fast path."""
+    results = []
+    for fast in (False, True):
+        pipeline = SignalPipeline(demo_decoder())
+        with open_capture(path, fmt, channel) as reader:
+            run = pipeline.run_capture(reader) if fast else pipeline.run(reader)
+            changes = [(c.t, c.path, c.value, c.quality) for c in run]
+            facts = (reader.malformed, reader.first_malformed, reader.other_channel,
+                     reader.frames, reader.error)
+        results.append((changes, pipeline.decoder.counters.as_dict(), facts))
+    return results
+
+
+def test_frame_keys_agree_with_the_dbc_layer():
+    assert CAPTURE_EXTENDED_KEY == EXTENDED_KEY
+
+
+def test_simulated_drive_decodes_identically(tmp_path):
+    capture = tmp_path / "drive.log"
+    write_capture(demo_vehicle(), capture, 30.0, 7, 3000.0, None)
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    changes, counters, _ = fast
+    assert counters["frames"] > 80_000 and counters["unmapped"] > 0 and counters["decoded"] > 0
+    assert counters["frames"] == sum(v for k, v in counters.items() if k != "frames")
+    assert any(path.endswith("Window.Position") for _, path, _, _ in changes)   # mux pages
+
+
+def line(t: float, ident: str, data: str, chan: str = "can0") -> str:
+    return f"({t:.6f}) {chan} {ident}#{data}"
+
+
+def test_stale_changes_come_at_the_unmapped_frame_that_notices_them(tmp_path):
+    """Body frames stop while unrelated traffic goes on: the stale changes carry the time of
+    the unrelated frame at which the check ran, by both paths."""
+    body = body_payload().hex().upper()
+    lines = []
+    t = 1700000000.0
+    for n in range(400):                 # 2 s: body every 50 ms for 0.5 s, then nothing
+        t = 1700000000.0 + n * 0.005
+        if n % 10 == 0 and n < 100:
+            lines.append(line(t, f"{BODY_ID:03X}", body))
+        lines.append(line(t + 0.0001, "123", "0011223344556677"))
+    capture = tmp_path / "gap.log"
+    capture.write_text("\n".join(lines) + "\n")
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    stale = [c for c in fast[0] if c[3] == STALE and c[1] in BODY_PATHS]
+    assert sorted(path for _, path, _, _ in stale) == sorted(BODY_PATHS)
+    unrelated = {round(1700000000.0 + n * 0.005 + 0.0001, 6) for n in range(400)}
+    assert {round(t, 6) for t, *_ in stale} <= unrelated
+    last_body = 1700000000.0 + 90 * 0.005
+    assert all(t > last_body + 0.3 and t < last_body + 0.3 + 2 * STALE_CHECK_INTERVAL
+               for t, *_ in stale)
+
+
+ODD_LINES = [
+    line(1.0, "123", "0011"),
+    "",
+    "   ",
+    "# a comment",
+    line(1.01, "2b0", body_payload().hex()),            # a mapped id in lower case
+    line(1.02, "7FF", "00"),
+    line(1.03, "800", "00"),                            # 11-bit id out of range
+    line(1.04, "123", "001"),                           # odd number of digits
+    line(1.05, "123", "00112233445566778899"),          # 10 bytes on classic CAN
+    line(1.06, "123", "00GG"),                          # not hex
+    line(1.07, "123", ""),                              # no data
+    line(1.08, "123", "R"),                             # remote, unmapped
+    line(1.09, f"{BODY_ID:03X}", "R8"),                 # remote, mapped
+    line(1.10, "123", "#1" + "00" * 12),                # CAN FD, unmapped
+    line(1.11, "20000004", "0000000000000000"),         # error frame
+    line(1.12, "1FFFFFFF", "00"),                       # 29-bit id, unmapped
+    line(1.13, "3FFFFFFF", "00"),                       # error flag plus bits: error frame
+    line(1.14, "40000000", "00"),                       # beyond 29 bits
+    line(1.15, "1234", "00"),                           # 4 digits
+    "(1.16) can0 123",                                  # no '#'
+    "(1.17) can0 123#00 extra",                         # four fields
+    "(1e1) can0 123#00",                                # a timestamp float() takes
+    "(nan) can0 123#00",
+    "(inf) can0 123#00",
+    "(-1.5) can0 123#00",
+    "(1_0.5) can0 123#00",
+    "(1.5_) can0 123#00",
+    "(.5) can0 123#00",
+    "(5.) can0 123#00",
+    "(.) can0 123#00",
+    "() can0 123#00",
+    "(" + "9" * 400 + ".0) can0 123#00",               # overflows to inf
+    "(1.18 can0 123#00",
+    "(\u0661.5) can0 123#00",                           # Arabic-Indic digit: float() takes it
+    line(1.19, "123", "00", chan="can1"),               # another channel
+    line(1.20, f"{WINDOW_ID:03X}", "01320000"),         # multiplexed, page 1
+    line(1.21, f"{WINDOW_ID:03X}", "01320000"),         # same payload again
+    line(1.22, f"{WINDOW_ID:03X}", "00330000"),         # page 0
+    line(1.23, f"{CLUSTER_ID:03X}", "00"),              # mapped, wrong length
+    line(1.24, "18FF50E5", "0000000000000000"),         # the mapped 29-bit id
+    line(1.25, "18ff50e5", "0000000000000000"),         # same, unchanged
+    "x" * 3000,                                         # overlong
+    line(1.30, "123", "00"),
+]
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+@pytest.mark.parametrize("channel", [None, "can0"])
+def test_every_kind_of_line_is_handled_identically(tmp_path, ending, channel):
+    capture = tmp_path / "odd.log"
+    capture.write_text(ending.join(ODD_LINES) + ending, newline="")
+    plain, fast = both_paths(capture, "candump", channel)
+    assert fast == plain
+    changes, counters, (malformed, first, other, _frames, _error) = fast
+    assert counters["frames"] == sum(v for k, v in counters.items() if k != "frames")
+    assert counters["error_frames"] == 2 and counters["remote_frames"] == 1
+    assert counters["wrong_length"] == 1 and counters["decoded"] >= 4
+    assert malformed > 10 and other == (1 if channel else 0)
+
+
+def test_carriage_returns_after_many_plain_lines(tmp_path):
+    """A file that turns to \\r\\n past the first blocks: line numbers still count right."""
+    plain_part = "\n".join(line(1.0 + n * 0.001, "123", "00") for n in range(20_000))
+    capture = tmp_path / "late-cr.log.gz"
+    with gzip.open(capture, "wt", newline="") as f:
+        f.write(plain_part + "\r\n" + "\r\n".join(ODD_LINES) + "\r\n")
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    assert fast[2][1][0][0] == 20_001 + ODD_LINES.index(line(1.03, "800", "00"))
