@@ -55,13 +55,17 @@ class CandumpReader(CaptureReader):
         thoroughly as by :meth:`__iter__` (a malformed one is reported the same) but never
         made into a :class:`can.Message`."""
         want = self.channel
-        meaning: dict[str, int] = {}
+        meaning: dict[str, bool] = {}   # id text -> a well-formed id nobody wants
         fromhex = bytes.fromhex
-        # Timestamps are compared as the integer of their digits (exact) against a bound 1 ms
-        # below next_check: float() of a 17-digit timestamp costs more than the rest of the
-        # line. The bound holds for one layout (length, decimals) and one next_check.
-        check = bound = None
-        layout = dot = 0
+        # Timestamps: float() of a 17-digit one costs more than the rest of the line. A
+        # timestamp that starts with the integer part (`second`, checked once) of the previous
+        # one is checked by its decimals alone and compared as text with `below`, a bound 1 ms
+        # under next_check written the same way (exact for equal integer parts); only from
+        # there on is it converted and compared as a number. next_check changes only while a
+        # yield is out, so the bound is renewed after each yield.
+        second, below = " ", ""      # " " starts no field: no timestamp seen yet
+        cut = 1
+        check = clock.next_check
         number = unwanted = 0
         try:
             for batch in self._batches():
@@ -73,39 +77,44 @@ class CandumpReader(CaptureReader):
                     parts = line.split()
                     if len(parts) == 3:
                         stamp, chan, frame = parts
-                        if frame[3:4] == "#":
-                            ident, payload = frame[:3], frame[4:]
-                        elif frame[8:9] == "#":
-                            ident, payload = frame[:8], frame[9:]
-                        else:
-                            ident = ""
-                        key = meaning.get(ident)
-                        if key is None:
+                        ident, sep, payload = frame.partition("#")
+                        unwanted_id = meaning.get(ident)
+                        if unwanted_id is None:
                             key = _simple_key(ident)
+                            unwanted_id = key >= 0 and key not in keys
                             if len(meaning) < _IDS_REMEMBERED:
-                                meaning[ident] = key
-                        if key >= 0 and key not in keys and (chan == want or want is None) \
-                                and len(payload) <= 16 and stamp[0] == "(" and stamp[-1] == ")":
-                            digits = stamp[1:-1]
-                            if "_" not in digits and len(digits) < 300 \
-                                    and payload[:1] not in "#Rr":
-                                try:
-                                    fromhex(payload)
-                                    ticks = int(digits.replace(".", "", 1))
-                                except ValueError:
-                                    pass          # the full parser says what is wrong
-                                else:
-                                    if len(payload) % 2 == 0:
-                                        unwanted += 1
-                                        if check != clock.next_check or len(digits) != layout \
-                                                or digits[dot] != ".":
+                                meaning[ident] = unwanted_id
+                        # fromhex() refuses an odd length, "R" (remote) and "#" (CAN FD).
+                        if unwanted_id and sep and (want is None or chan == want) \
+                                and len(payload) <= 16:
+                            try:
+                                fromhex(payload)
+                            except ValueError:
+                                pass                # the full parser says what is wrong
+                            else:
+                                if stamp.startswith(second) and stamp[cut:-1].isdecimal() \
+                                        and stamp[-1] == ")":
+                                    unwanted += 1
+                                    if stamp >= below:
+                                        t = float(stamp[1:-1])
+                                        if t >= check:
+                                            yield t
                                             check = clock.next_check
-                                            layout, dot, bound = _layout_bound(digits, check)
-                                        if bound is None or ticks >= bound:
-                                            t = float(digits)
-                                            if t >= check:
-                                                yield t
-                                        continue
+                                            below = _text_bound(check, second)
+                                    continue
+                                t = _timestamp(stamp)
+                                if t is not None:
+                                    unwanted += 1
+                                    dot = stamp.find(".")
+                                    if dot > 0 and stamp[1:dot].isascii():
+                                        second = stamp[:dot + 1]
+                                        cut = dot + 1
+                                        below = _text_bound(check, second)
+                                    if t >= check:
+                                        yield t
+                                        check = clock.next_check
+                                        below = _text_bound(check, second)
+                                    continue
                     msg = self._parse(number, line, parts)
                     if msg is None:
                         continue
@@ -116,10 +125,13 @@ class CandumpReader(CaptureReader):
                                               if msg.is_extended_id else msg.arbitration_id) in keys:
                         self.frames += 1
                         yield msg
-                        continue
-                    unwanted += 1
-                    if msg.timestamp >= clock.next_check:
+                    else:
+                        unwanted += 1
+                        if msg.timestamp < check:
+                            continue
                         yield msg.timestamp
+                    check = clock.next_check
+                    below = _text_bound(check, second)
                 self.lines_read = number
         except (OSError, EOFError, zlib.error) as exc:
             self.error = f"unreadable after line {number}: {exc}"
@@ -203,15 +215,25 @@ class CandumpReader(CaptureReader):
         return readline
 
 
-def _layout_bound(digits: str, check: float) -> tuple[int, int, int | None]:
-    """(length, index of the dot, bound): timestamps of that layout whose digits, as one
-    integer, are below the bound are surely below ``check``; None: no such bound."""
-    dot = digits.find(".")
-    decimals = len(digits) - dot - 1
-    if dot < 0 or decimals > 9 or not abs(check) < 1e12:
-        return len(digits), max(dot, 0), None
-    # 1 ms below: far more than the float error of the product (< 1e-4 s at these sizes).
-    return len(digits), dot, int(math.floor((check - 1e-3) * 10 ** decimals)) - 1
+def _timestamp(stamp: str) -> float | None:
+    """The value of a ``(digits.digits)`` field as parse_fields reads it, None if it is not one
+    (what float() takes beyond digits and a dot is left to parse_fields)."""
+    digits = stamp[1:-1]
+    if stamp[:1] != "(" or stamp[-1:] != ")" or len(digits) >= 300 \
+            or not digits.replace(".", "", 1).isdecimal():
+        return None
+    return float(digits)
+
+
+def _text_bound(check: float, second: str) -> str:
+    """A timestamp field 1 ms below ``check``, written with the integer digits of ``second``
+    ("(1700000000."); timestamps starting with ``second`` and below it as text are below
+    ``check`` as numbers. "" (no such bound: compare numbers) when the digits differ in count."""
+    if not abs(check) < 1e12:
+        return ""
+    # 1 ms: far more than the rounding of the 9 decimals written (float error < 1e-4 s here).
+    text = f"({check - 1e-3:.9f})"
+    return text if text.find(".") == len(second) - 1 else ""
 
 
 def _simple_key(ident: str) -> int:
