@@ -264,13 +264,29 @@ def bench_door(rig: Rig) -> dict:
     say(f"door frame -> PUBACK, {n} samples")
     defaults = {s.name: (s.initial or 0) if not s.choices else next(iter(s.choices))
                 for s in body.signals}
-    for i in range(n):
-        values = dict(defaults, **{door: (i + 1) % 2})
-        data = body.encode(values, strict=False)
+    # The body controller sends its frame every cycle (a car's does: with gaps longer than its
+    # stale timeout every signal of it would go stale and back, and those changes would use
+    # the policy's message budget ahead of the door). The door changes every TOGGLE-th frame:
+    # an event every half second, well under the policy's rate cap.
+    cycle = (body.cycle_time or 100) / 1000.0
+    toggle = max(1, round(0.5 / cycle))
+    frame = 0
+    door_open = 0
+    next_send = time.monotonic()
+    while len(samples) < n and frame < 4 * n * toggle:
+        frame += 1
+        changing = frame % toggle == 0
+        if changing:
+            door_open ^= 1
+        data = body.encode(dict(defaults, **{door: door_open}), strict=False)
         before = len(events)
+        next_send += cycle
+        time.sleep(max(0.0, next_send - time.monotonic()))
         t_send = time.perf_counter()
         bus.send(can.Message(arbitration_id=body.frame_id, data=data,
                              is_extended_id=body.is_extended_frame))
+        if not changing or frame <= 2 * toggle:     # the first changes fill the state
+            continue
         wait_until = time.monotonic() + 5
         while time.monotonic() < wait_until:
             seq = events[before] if len(events) > before else None
@@ -278,7 +294,6 @@ def bench_door(rig: Rig) -> dict:
                 samples.append((acked[seq] - t_send) * 1000)
                 break
             time.sleep(0.0005)
-        time.sleep(0.25)            # below the policy's 5 messages/s, so no event is batched
     agent.request_stop()
     runner.join(30)
     bus.shutdown()
