@@ -148,3 +148,22 @@ def test_carriage_returns_after_many_plain_lines(tmp_path):
     plain, fast = both_paths(capture)
     assert fast == plain
     assert fast[2][1][0][0] == 20_001 + ODD_LINES.index(line(1.03, "800", "00"))
+
+
+@pytest.mark.parametrize("suffix, writer", [(".asc", "ASCWriter"), (".blf", "BLFWriter")])
+def test_other_formats_filter_identically(tmp_path, suffix, writer):
+    """ASC and BLF through python-can's readers and the generic filter: same as decoding all."""
+    import can
+
+    source = tmp_path / "drive.log"
+    write_capture(demo_vehicle(), source, 5.0, 3, 2000.0, None)
+    capture = tmp_path / f"drive{suffix}"
+    out = getattr(can, writer)(str(capture))
+    with open_capture(source) as reader:
+        for msg in reader:
+            msg.channel = 0
+            out.on_message_received(msg)
+    out.stop()
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    assert fast[1]["unmapped"] > 0 and fast[1]["decoded"] > 0 and fast[0]

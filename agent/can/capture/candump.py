@@ -31,7 +31,10 @@ _BLOCK = 64 * 1024             # characters read at a time (memory: one block an
 _BATCH = 512                   # lines per batch in line-by-line mode
 _IDS_REMEMBERED = 4096         # distinct id texts whose meaning is kept (bounded by this)
 _NOT_SIMPLE = -1               # an id text that needs the full parser (error frame, invalid)
-_TOO_LONG = None               # a batch's placeholder for a line longer than MAX_LINE
+# A batch's placeholder for a line longer than MAX_LINE: one object, told apart by identity;
+# made at run time so that no line read can be that object, and with no whitespace, so that
+# the fast path sees one field and leaves it to the full parser.
+_TOO_LONG = "".join(("\0", "too-long"))
 
 
 class CandumpReader(CaptureReader):
@@ -71,9 +74,6 @@ class CandumpReader(CaptureReader):
             for batch in self._batches():
                 for line in batch:
                     number += 1
-                    if line is _TOO_LONG:
-                        self._bad(number, "line too long")
-                        continue
                     parts = line.split()
                     if len(parts) == 3:
                         stamp, chan, frame = parts
@@ -139,7 +139,7 @@ class CandumpReader(CaptureReader):
             self.frames += unwanted
             self.unwanted += unwanted
 
-    def _parse(self, number: int, line: str | None,
+    def _parse(self, number: int, line: str,
                parts: list[str] | None = None) -> can.Message | None:
         """The frame on a line; None for a blank line, a comment or a malformed line (counted)."""
         if line is _TOO_LONG:
@@ -155,8 +155,8 @@ class CandumpReader(CaptureReader):
             self._bad(number, str(exc))
             return None
 
-    def _numbered(self) -> Iterator[tuple[int, str | None]]:
-        """(line number, line) for every line; None in place of an overlong line."""
+    def _numbered(self) -> Iterator[tuple[int, str]]:
+        """(line number, line) for every line; _TOO_LONG in place of an overlong line."""
         number = 0
         try:
             for batch in self._batches():
@@ -168,8 +168,8 @@ class CandumpReader(CaptureReader):
             # A truncated or corrupt .gz: what was read stands, the rest is reported.
             self.error = f"unreadable after line {number}: {exc}"
 
-    def _batches(self) -> Iterator[list[str | None]]:
-        """Lists of lines (without their newline), None for an overlong one. Blocks split on
+    def _batches(self) -> Iterator[list[str]]:
+        """Lists of lines (without their newline), _TOO_LONG for an overlong one. Blocks split on
         newlines while the file has no carriage return and no overlong line; from the first
         of those on, line by line, as Python's text files split lines."""
         read = self.handle.read
@@ -247,9 +247,9 @@ def _simple_key(ident: str) -> int:
     return can_id | EXTENDED_KEY if can_id <= 0x1FFFFFFF else _NOT_SIMPLE
 
 
-def _line_batches(readline: Callable[[int], str]) -> Iterator[list[str | None]]:
+def _line_batches(readline: Callable[[int], str]) -> Iterator[list[str]]:
     while True:
-        batch: list[str | None] = []
+        batch: list[str] = []
         for _ in range(_BATCH):
             line = readline(_LIMIT)     # bounded: memory never holds more than one short line
             if not line:
