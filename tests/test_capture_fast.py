@@ -17,6 +17,7 @@ from agent.can.dbc import EXTENDED_KEY
 from agent.dev.simulate import write_capture
 from agent.signals.model import STALE
 from agent.signals.state import STALE_CHECK_INTERVAL, SignalPipeline
+from test_capture import ASC
 from coredata import (BODY_ID, BODY_PATHS, CLUSTER_ID, WINDOW_ID, body_payload, demo_decoder,
                       demo_vehicle)
 
@@ -167,3 +168,49 @@ def test_other_formats_filter_identically(tmp_path, suffix, writer):
     plain, fast = both_paths(capture)
     assert fast == plain
     assert fast[1]["unmapped"] > 0 and fast[1]["decoded"] > 0 and fast[0]
+
+
+ASC_HEAD = ASC.split("   0.010000")[0]      # header, trigger block, start of measurement
+ASC_ODD = [
+    "   0.010000 1  3D0             Rx   d 8 9C 80 15 70 00 00 00 71",
+    "   0.011000 1  123             Rx   d 8 00 11 22 33 44 55 66 77",
+    "   0.012000 2  123             Tx   d 2 00 11",
+    "   0.013000 1  123             Rx   d 8 00 11",                     # fewer bytes than DLC
+    "   0.014000 1  123             Rx   d 8 00 11 22 33 44 55 66 77 88 99",
+    "   0.015000 1  123             Rx   d 8 0 11 22 33 44 55 66 77",    # one-digit byte
+    "   0.016000 1  123             Rx   d 8 00 ZZ 22 33 44 55 66 77",   # not hex
+    "   0.017000 1  123             Rx   d 8 100 11 22 33 44 55 66 77",  # > 255
+    "   0.018000 1  123             Rx   d F 00 11 22 33 44 55 66 77",   # DLC 15
+    "   0.019000 1  123             Rx   d G 00",                       # bad DLC
+    "   0.020000 1  123             Rx   r",                            # remote
+    "   0.021000 1  123             Rx   r 8",
+    "   0.022000 1  ErrorFrame",
+    "   0.023000 1  1FFFFFFFx       Rx   d 1 00",
+    "   0.024000 1  18FF50E5x       Rx   d 8 00 00 AC 41 64 00 00 00",
+    "   0.025000 1  x               Rx   d 1 00",
+    "   0.026000 1  12G             Rx   d 1 00",
+    "   0.027000 1  123             Xx   d 1 00",
+    "   0.028000 1\u00a0 123             Rx   d 1 00",                     # no-break space
+    "   0.029000 01 123             Rx   d 1 00",
+    "   .030000 1  123             Rx   d 1 00",
+    "   0.031000 CANFD 1 Rx 123 1 0 d 8 8 00 11 22 33 44 55 66 77 0 0 0 0 0 0 0",
+    "   0.032000 1  2B0             Rx   d 8 00 0F 00 00 00 00 00 BF",
+    "   0.5 1  123             Rx   d 1 00",
+    "   9.000000 1  123             Rx   d 1 00",                       # stale checks due
+    "   9.500000 1  3D0             Rx   d 8 9C 80 15 70 00 00 00 71",
+    "   9.600000 1  123             Rx   d 1 00 Length = 1 BitCount = 44 ID = 291",
+    "End TriggerBlock",
+]
+
+
+@pytest.mark.parametrize("channel", [None, "1"])
+def test_every_kind_of_asc_line_is_handled_identically(tmp_path, channel):
+    capture = tmp_path / "odd.asc"
+    capture.write_text(ASC_HEAD + "\n".join(ASC_ODD) + "\n")
+    plain, fast = both_paths(capture, "asc", channel)
+    assert fast == plain
+    changes, counters, (malformed, _first, other, _frames, _error) = fast
+    assert counters["frames"] == sum(v for k, v in counters.items() if k != "frames")
+    assert counters["unmapped"] > 5 and counters["decoded"] >= 3 and malformed >= 3
+    assert any(quality == STALE for *_, quality in changes)
+    assert other == (1 if channel else 0)

@@ -17,6 +17,7 @@ _SKIP_CHUNK = 64 * 1024
 _FORMAT_NAMES = {"candump": "candump -L", "asc": "Vector ASC", "blf": "Vector BLF",
                  "trc": "PEAK TRC"}
 LINE_ENDS = ("\n", "\r")
+HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 EXTENDED_KEY = 0x80000000     # frame key = id | EXTENDED_KEY for 29-bit ids, as agent.can.dbc
 
 

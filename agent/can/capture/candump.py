@@ -20,10 +20,10 @@ from typing import Callable, Iterator
 
 import can
 
-from .base import EXTENDED_KEY, LINE_ENDS, CaptureReader, Clock, finite, skip_rest
+from .base import EXTENDED_KEY, HEX_DIGITS as _HEX, LINE_ENDS, CaptureReader, Clock, finite, \
+    skip_rest
 
 CAN_ERR_FLAG = 0x20000000
-_HEX = frozenset("0123456789abcdefABCDEF")
 _FD_LENGTHS = frozenset((0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64))
 MAX_LINE = 1024
 _LIMIT = MAX_LINE + 1          # a line of this many characters without its newline is too long
