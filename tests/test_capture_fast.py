@@ -18,8 +18,8 @@ from agent.dev.simulate import write_capture
 from agent.signals.model import STALE
 from agent.signals.state import STALE_CHECK_INTERVAL, SignalPipeline
 from test_capture import ASC
-from coredata import (BODY_ID, BODY_PATHS, CLUSTER_ID, WINDOW_ID, body_payload, demo_decoder,
-                      demo_vehicle)
+from coredata import (BODY_ID, BODY_PATHS, CLUSTER_ID, DEMO_CONFIG, WINDOW_ID, body_payload,
+                      demo_decoder, demo_vehicle)
 
 
 def both_paths(path: Path, fmt: str | None = None, channel: str | None = None):
@@ -214,3 +214,19 @@ def test_every_kind_of_asc_line_is_handled_identically(tmp_path, channel):
     assert counters["unmapped"] > 5 and counters["decoded"] >= 3 and malformed >= 3
     assert any(quality == STALE for *_, quality in changes)
     assert other == (1 if channel else 0)
+
+
+def test_decode_loads_neither_mqtt_nor_signing(tmp_path):
+    """`decode` is offline: paho-mqtt and cryptography stay unimported (memory, start-up)."""
+    import subprocess
+    import sys
+
+    capture = tmp_path / "one.log"
+    capture.write_text(line(1.0, f"{BODY_ID:03X}", body_payload().hex()) + "\n")
+    probe = ("import sys; from agent.cli import main; code = main(['decode', '--config', "
+             f"{str(DEMO_CONFIG)!r}, {str(capture)!r}]); "
+             "print(code, sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'paho', 'cryptography', 'agent'}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.splitlines()[-1] == "0 ['agent']"
