@@ -230,3 +230,25 @@ def test_decode_loads_neither_mqtt_nor_signing(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.splitlines()[-1] == "0 ['agent']"
+
+
+# Property: on any soup of mostly-valid lines, garbage and line endings (the fuzz suite's own
+# strategies), in candump and ASC, the fast path agrees with the plain one.
+from hypothesis import given, settings, strategies as st          # noqa: E402
+from test_fuzz import FUZZ, _format_soup, _soup                   # noqa: E402
+
+_SOUP_DIR: list[Path] = []
+
+
+@settings(max_examples=150, **FUZZ)
+@given(data=st.data(), kind=st.sampled_from(["candump", "asc"]),
+       ending=st.sampled_from(["\n", "\n", "\r\n", "\r"]),
+       channel=st.none() | st.sampled_from(["can0", "vcan0", "1"]))
+def test_fast_path_agrees_on_line_soups(tmp_path_factory, data, kind, ending, channel):
+    if not _SOUP_DIR:
+        _SOUP_DIR.append(tmp_path_factory.mktemp("soups"))
+    lines = data.draw(_format_soup(kind), label="lines")
+    path = _SOUP_DIR[0] / f"soup.{'log' if kind == 'candump' else 'asc'}"
+    path.write_bytes(_soup(lines, ending))
+    plain, fast = both_paths(path, kind, channel)
+    assert fast == plain
