@@ -56,14 +56,15 @@ def line(t: float, ident: str, data: str, chan: str = "can0") -> str:
 
 
 def test_stale_changes_come_at_the_unmapped_frame_that_notices_them(tmp_path):
-    """Body frames stop while unrelated traffic goes on: the stale changes carry the time of
-    the unrelated frame at which the check ran, by both paths."""
+    """Body frames (one payload, repeated) stop while unrelated traffic goes on: the stale
+    changes carry the time of the unrelated frame at which the check ran, and the payload
+    coming back is decoded again, by both paths."""
     body = body_payload().hex().upper()
     lines = []
     t = 1700000000.0
     for n in range(400):                 # 2 s: body every 50 ms for 0.5 s, then nothing
         t = 1700000000.0 + n * 0.005
-        if n % 10 == 0 and n < 100:
+        if n % 10 == 0 and (n < 100 or n >= 300):       # the same payload each time
             lines.append(line(t, f"{BODY_ID:03X}", body))
         lines.append(line(t + 0.0001, "123", "0011223344556677"))
     capture = tmp_path / "gap.log"
@@ -77,6 +78,10 @@ def test_stale_changes_come_at_the_unmapped_frame_that_notices_them(tmp_path):
     last_body = 1700000000.0 + 90 * 0.005
     assert all(t > last_body + 0.3 and t < last_body + 0.3 + 2 * STALE_CHECK_INTERVAL
                for t, *_ in stale)
+    # Repeats are unchanged; the same payload after the silence is decoded again.
+    assert fast[1]["unchanged"] == 9 + 9 and fast[1]["decoded"] == 2
+    back = [c for c in fast[0] if c[1] in BODY_PATHS and c[0] == 1700000000.0 + 300 * 0.005]
+    assert sorted(path for _, path, _, _ in back) == sorted(BODY_PATHS)
 
 
 ODD_LINES = [

@@ -78,6 +78,7 @@ class SignalPipeline:
         self.decoder = decoder
         self.state = VehicleState(decoder.paths)
         self.next_check = -math.inf    # capture time of the next stale check
+        self.repeated = decoder.repeated   # what a capture reader may skip (run_capture)
 
     def feed(self, msg: can.Message) -> list[Change]:
         t = msg.timestamp

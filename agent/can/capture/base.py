@@ -46,9 +46,15 @@ def finite(timestamp: float) -> bool:
 
 class Clock:
     """What :meth:`CaptureReader.filtered` asks of its consumer: the capture time at which it
-    wants to hear of a frame it does not otherwise want (its periodic checks are due)."""
+    wants to hear of a frame it does not otherwise want (its periodic checks are due), and
+    whether a data frame of a wanted id repeats what it already has (then it is not handed
+    over)."""
 
     next_check: float
+
+    def repeated(self, key: int, data: bytes, t: float) -> bool:
+        """True: the frame (key, payload, time) was taken as a repeat and counted."""
+        raise NotImplementedError
 
 
 class CaptureReader:

@@ -56,9 +56,11 @@ class CandumpReader(CaptureReader):
     def filtered(self, keys: frozenset[int], clock: Clock) -> Iterator[can.Message | float]:
         """See :meth:`CaptureReader.filtered`. A line of an unwanted id is checked as
         thoroughly as by :meth:`__iter__` (a malformed one is reported the same) but never
-        made into a :class:`can.Message`."""
+        made into a :class:`can.Message`; nor is one of a wanted id whose payload text is
+        the one it had last, when ``clock.repeated`` takes it."""
         want = self.channel
         meaning: dict[str, bool] = {}   # id text -> a well-formed id nobody wants
+        last_payload: dict[str, str] = {}   # wanted id text -> its last payload handed over
         fromhex = bytes.fromhex
         # Timestamps: float() of a 17-digit one costs more than the rest of the line. A
         # timestamp that starts with the integer part (`second`, checked once) of the previous
@@ -115,6 +117,25 @@ class CandumpReader(CaptureReader):
                                         check = clock.next_check
                                         below = _text_bound(check, second)
                                     continue
+                        elif sep and (want is None or chan == want) and len(payload) <= 16 \
+                                and last_payload.get(ident) == payload:
+                            # A wanted id repeating its payload: the decoder counts it as
+                            # unchanged (if it is, and not multiplexed) without a frame object.
+                            t = _timestamp(stamp)
+                            key = _simple_key(ident)
+                            if t is not None and key >= 0:
+                                try:
+                                    data = fromhex(payload)
+                                except ValueError:
+                                    data = None
+                                if data is not None:
+                                    if t >= check:
+                                        yield t
+                                        check = clock.next_check
+                                        below = _text_bound(check, second)
+                                    if clock.repeated(key, data, t):
+                                        self.frames += 1
+                                        continue
                     msg = self._parse(number, line, parts)
                     if msg is None:
                         continue
@@ -124,6 +145,9 @@ class CandumpReader(CaptureReader):
                     if msg.is_error_frame or (msg.arbitration_id | EXTENDED_KEY
                                               if msg.is_extended_id else msg.arbitration_id) in keys:
                         self.frames += 1
+                        if len(parts) == 3 and sep and not msg.is_error_frame \
+                                and len(last_payload) < _IDS_REMEMBERED:
+                            last_payload[ident] = payload
                         yield msg
                     else:
                         unwanted += 1
