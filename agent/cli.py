@@ -253,7 +253,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     dumps = json.dumps
     changes = 0
     with open_capture(args.capture, args.format, args.channel) as reader:
-        for change in pipeline.run(reader):
+        for change in pipeline.run_capture(reader):
             out.write(dumps(change.as_dict()) + "\n")
             changes += 1
         out.flush()

@@ -219,15 +219,23 @@ def test_candump_reader_streams_from_a_lazy_handle():
         def __init__(self):
             self.lines = lines()
 
-        def readline(self, size=-1):
-            return next(self.lines, "")
+        def read(self, size=-1):
+            assert size > 0, "the reader asked for the whole capture at once"
+            text = ""
+            while len(text) < size:
+                line = next(self.lines, "")
+                if not line:
+                    break
+                text += line
+            return text
 
     reader = CandumpReader(Path("lazy.log"), LazyHandle(), None)
     it = iter(reader)
     first = next(it)
-    assert bytes(first.data) == b"\x00" and len(produced) == 1
+    # Read a block at a time: a few thousand lines ahead, never the file.
+    assert bytes(first.data) == b"\x00" and len(produced) < 5000
     third = [next(it), next(it)][-1]
-    assert third.timestamp == 2.0 and len(produced) == 3
+    assert third.timestamp == 2.0 and len(produced) < 5000
 
 
 def test_candump_reader_reads_a_large_file_incrementally(tmp_path):

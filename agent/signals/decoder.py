@@ -248,6 +248,19 @@ class Decoder:
                 updates.append((index, *convert(value)))
         return updates
 
+    def repeated(self, key: int, data: bytes, t: float) -> bool:
+        """Whether a data frame of frame key ``key`` repeats the last payload decoded for its
+        message, not multiplexed: then it is counted and timed as :meth:`decode` would
+        (unchanged) and True; False: it has to go through :meth:`decode`."""
+        plan = self._plans.get(key)
+        if plan is None or not plan.plain or data != plan.last_data:
+            return False
+        counters = self.counters
+        counters.frames += 1
+        counters.unchanged += 1
+        self.feed_seen[plan.feed] = t
+        return True
+
     def expired(self, now: float) -> list[int]:
         """Signal indices whose feed has gone silent for longer than its timeout.
 

@@ -6,13 +6,17 @@ come out (a value or quality that differs from before), including signals going 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+import math
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import can
 
 from agent.can.source import Timeline
 from agent.signals.decoder import Decoder
 from agent.signals.model import STALE, Change
+
+if TYPE_CHECKING:
+    from agent.can.capture import CaptureReader
 
 #: Stale checks run at most this often (seconds of the source's clock), not per frame.
 STALE_CHECK_INTERVAL = 0.1
@@ -74,11 +78,12 @@ class SignalPipeline:
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
         self.state = VehicleState(decoder.paths)
-        self._next_check: float | None = None
+        self.next_check = -math.inf    # capture time of the next stale check
+        self.repeated = decoder.repeated   # what a capture reader may skip (run_capture)
 
     def feed(self, msg: can.Message) -> list[Change]:
         t = msg.timestamp
-        changes = self.tick(t) if self._next_check is None or t >= self._next_check else []
+        changes = self.tick(t) if t >= self.next_check else []
         updates = self.decoder.decode(msg)
         if updates:
             applied = self.state.apply(t, updates)
@@ -90,7 +95,7 @@ class SignalPipeline:
 
     def tick(self, now: float) -> list[Change]:
         """Mark signals stale whose frames stopped; call periodically when no frames arrive."""
-        self._next_check = now + STALE_CHECK_INTERVAL
+        self.next_check = now + STALE_CHECK_INTERVAL
         expired = self.decoder.expired(now)
         return self.state.mark_stale(now, expired) if expired else []
 
@@ -104,3 +109,19 @@ class SignalPipeline:
             changes = self.feed(msg)
             if changes:
                 yield from changes
+
+    def run_capture(self, reader: "CaptureReader") -> Iterator[Change]:
+        """The changes :meth:`run` finds in a capture, and the same counts; but the reader
+        only counts the frames of ids the decoder does not map, and hands over just their
+        timestamps when a stale check is due."""
+        counters = self.decoder.counters
+        before = reader.unwanted
+        try:
+            for item in reader.filtered(frozenset(self.decoder.frame_keys), self):
+                changes = self.tick(item) if item.__class__ is float else self.feed(item)
+                if changes:
+                    yield from changes
+        finally:
+            unmapped = reader.unwanted - before
+            counters.frames += unmapped
+            counters.unmapped += unmapped

@@ -175,7 +175,17 @@ class Uplink:
         return self.connected.is_set() and self.alive()
 
     def wake(self) -> None:
+        """A new outbox entry: the uplink thread publishes it now, not when its wait for the
+        socket (client.loop, up to 50 ms) times out. paho's loop also waits on the socket
+        pair through which paho itself wakes it; one byte there ends the wait (paho reads and
+        drops it). Without that pair (another paho) the entry waits for the timeout."""
         self._wake.set()
+        pair = getattr(self.client, "_sockpairW", None)
+        if pair is not None:
+            try:
+                pair.send(b"\0")
+            except OSError:        # full (already woken) or closed (reconnecting): no matter
+                pass
 
     def publish_metrics(self, payload: bytes) -> None:
         """Health metrics (unsigned JSON, QoS 0, not queued): the newest replaces an unsent one."""

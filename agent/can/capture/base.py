@@ -17,6 +17,8 @@ _SKIP_CHUNK = 64 * 1024
 _FORMAT_NAMES = {"candump": "candump -L", "asc": "Vector ASC", "blf": "Vector BLF",
                  "trc": "PEAK TRC"}
 LINE_ENDS = ("\n", "\r")
+HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+EXTENDED_KEY = 0x80000000     # frame key = id | EXTENDED_KEY for 29-bit ids, as agent.can.dbc
 
 
 def read_line(readline, limit: int = MAX_LINE) -> str | None:
@@ -42,6 +44,19 @@ def finite(timestamp: float) -> bool:
     return math.isfinite(timestamp)
 
 
+class Clock:
+    """What :meth:`CaptureReader.filtered` asks of its consumer: the capture time at which it
+    wants to hear of a frame it does not otherwise want (its periodic checks are due), and
+    whether a data frame of a wanted id repeats what it already has (then it is not handed
+    over)."""
+
+    next_check: float
+
+    def repeated(self, key: int, data: bytes, t: float) -> bool:
+        """True: the frame (key, payload, time) was taken as a repeat and counted."""
+        raise NotImplementedError
+
+
 class CaptureReader:
     """Iterates a capture's frames as :class:`can.Message`, counting what it had to skip."""
 
@@ -57,9 +72,25 @@ class CaptureReader:
         self.first_malformed: list[tuple[int, str]] = []   # (line number or -1, reason)
         self.error: str | None = None                      # a fatal read error, if any
         self.not_a_capture = False    # nothing in the file looked like this format at all
+        self.unwanted = 0             # frames `filtered` counted and did not hand over
 
     def __iter__(self) -> Iterator[can.Message]:
         raise NotImplementedError
+
+    def filtered(self, keys: frozenset[int], clock: Clock) -> Iterator["can.Message | float"]:
+        """The frames whose key (id, | EXTENDED_KEY for 29-bit ids) is in ``keys``, and error
+        frames; any other frame is counted in :attr:`unwanted` and, when its timestamp reaches
+        ``clock.next_check``, yielded as that timestamp (a float), so that the consumer's
+        periodic checks run as they would with every frame. Readers override it to skip the
+        work of converting the frames nobody wants."""
+        for msg in self:
+            if msg.is_error_frame or (msg.arbitration_id | EXTENDED_KEY if msg.is_extended_id
+                                      else msg.arbitration_id) in keys:
+                yield msg
+                continue
+            self.unwanted += 1
+            if msg.timestamp >= clock.next_check:
+                yield msg.timestamp
 
     def _not_a_capture(self, detail: str) -> None:
         self.error = f"not a capture file (expected {_FORMAT_NAMES[self.format]}: {detail})"

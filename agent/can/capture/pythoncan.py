@@ -15,7 +15,7 @@ from typing import IO, Callable, Iterator
 
 import can
 
-from .base import CaptureReader, finite, read_line
+from .base import EXTENDED_KEY, HEX_DIGITS, CaptureReader, Clock, finite, read_line
 
 # python-can's text readers log a warning per line they cannot parse; we count and report
 # those lines ourselves (once, with line numbers), so their per-line warnings are noise.
@@ -46,12 +46,17 @@ class _CountingLines:
         self.too_long = too_long    # called with the number of a line too long to read
         self.marks = marks
         self.header_seen = False    # a line of the format's header among the first lines
+        # A line the consumer does not want, taken out before python-can parses it (True).
+        self.skip: Callable[[str], bool] | None = None
 
     def __iter__(self) -> "_CountingLines":
         return self
 
     def __next__(self) -> str:
         line = self.readline()
+        skip = self.skip
+        while skip is not None and line and skip(line):
+            line = self.readline()
         if not line:
             raise StopIteration
         return line
@@ -82,6 +87,7 @@ class PythonCanReader(CaptureReader):
         self.format = fmt
         self._lines: _CountingLines | None = None   # text formats: where the reader is
         self._parsed = 0                             # frames python-can made of the file
+        self._unwanted_asc: _AscFilter | None = None  # ASC lines `filtered` takes out
 
     def _position(self) -> int:
         """The line being read (text formats), or -1 where there are no lines (BLF)."""
@@ -92,6 +98,11 @@ class PythonCanReader(CaptureReader):
             yield from self._frames(self._blf())
         else:
             yield from self._frames(self._text())
+
+    def filtered(self, keys: frozenset[int], clock: Clock) -> Iterator[can.Message | float]:
+        if self.format == "asc":
+            self._unwanted_asc = _AscFilter(self, keys, clock)
+        yield from super().filtered(keys, clock)
 
     def _frames(self, messages: Iterator[can.Message]) -> Iterator[can.Message]:
         want = self.channel
@@ -124,6 +135,7 @@ class PythonCanReader(CaptureReader):
             self._not_a_capture(str(exc)[:80] or type(exc).__name__)
             return
         iterator = iter(reader)
+        wanted = self._unwanted_asc
         while True:
             try:
                 msg = next(iterator)
@@ -142,8 +154,13 @@ class PythonCanReader(CaptureReader):
                 self._bad(lines.number, type(exc).__name__ if not str(exc) else str(exc)[:60])
                 resumed = copy.copy(reader)
                 resumed._extract_header = lambda: None  # the header was read already
+                reader = resumed
                 iterator = iter(resumed)
                 continue
+            if wanted is not None and lines.skip is None:
+                # From python-can's first frame on (its header is read): its reader's state
+                # (start time, base) is known and no header line can be taken for a frame.
+                lines.skip = lambda line: wanted.skips(line, reader)
             yield msg
 
     def _blf(self) -> Iterator[can.Message]:
@@ -164,3 +181,59 @@ class PythonCanReader(CaptureReader):
                                   f"{self.frames} frame(s)")
         except Exception as exc:  # noqa: BLE001 - a truncated/corrupt binary file cannot resume
             self.error = f"BLF data unreadable after {self.frames} frame(s): {str(exc)[:80]}"
+
+
+_DLC_LENGTHS = {f"{dlc:X}": length for dlc, length in
+                enumerate((0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64))}
+_DLC_LENGTHS.update({text.lower(): length for text, length in _DLC_LENGTHS.items()})
+
+
+class _AscFilter:
+    """Which Vector ASC lines are frames of an unwanted id that python-can's ASCReader would
+    read without error (checked as its regex, splits and int() conversions do), counted here
+    instead of parsed: a classic data frame in base hex. Anything else (error, remote and CAN
+    FD frames, base dec, events, a line in doubt) is left to python-can, as is a frame whose
+    timestamp reaches the clock's next check."""
+
+    def __init__(self, owner: PythonCanReader, keys: frozenset[int], clock: Clock) -> None:
+        self.owner = owner
+        self.keys = keys
+        self.clock = clock
+        self.want = owner.channel
+
+    def skips(self, line: str, reader) -> bool:
+        if not line.isascii():
+            return False
+        parts = line.split()
+        if len(parts) < 6 or parts[4] not in ("d", "D") or reader.base != "hex":
+            return False
+        stamp, chan, ident, direction, _, dlc = parts[:6]
+        length = _DLC_LENGTHS.get(dlc)
+        if length is None or direction.lower() not in ("rx", "tx") or not chan.isdigit():
+            return False
+        whole, dot, decimals = stamp.partition(".")
+        if not (dot and whole.isdigit() and decimals.isdigit()) or len(stamp) > 300:
+            return False
+        extended = ident[-1:] in ("x", "X")
+        digits = ident[:-1] if extended else ident
+        if not digits or not HEX_DIGITS.issuperset(digits):
+            return False
+        key = int(digits, 16) | EXTENDED_KEY if extended else int(digits, 16)
+        if key in self.keys:
+            return False
+        data = parts[6:6 + min(8, length)]
+        try:
+            if len(bytes.fromhex(" ".join(data))) != len(data):
+                return False
+        except ValueError:
+            return False
+        if self.want is not None and str(int(chan)) != self.want:
+            return False
+        t = float(stamp) + reader.start_time
+        if not finite(t) or t >= self.clock.next_check:
+            return False
+        owner = self.owner
+        owner._parsed += 1
+        owner.frames += 1
+        owner.unwanted += 1
+        return True

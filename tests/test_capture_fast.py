@@ -1,0 +1,259 @@
+"""The decode fast path (CaptureReader.filtered + SignalPipeline.run_capture) against the plain
+path (every frame a can.Message through SignalPipeline.run): the same changes, in the same
+order with the same times, and the same counts, malformed-line reports and channel counts, on
+the same captures: a simulated drive (multiplexed WindowStatus, a 29-bit id, stale signals)
+and hand-written lines of every kind the reader knows or refuses."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from agent.can.capture import open_capture
+from agent.can.capture.base import EXTENDED_KEY as CAPTURE_EXTENDED_KEY
+from agent.can.dbc import EXTENDED_KEY
+from agent.dev.simulate import write_capture
+from agent.signals.model import STALE
+from agent.signals.state import STALE_CHECK_INTERVAL, SignalPipeline
+from test_capture import ASC
+from coredata import (BODY_ID, BODY_PATHS, CLUSTER_ID, DEMO_CONFIG, WINDOW_ID, body_payload,
+                      demo_decoder, demo_vehicle)
+
+
+def both_paths(path: Path, fmt: str | None = None, channel: str | None = None):
+    """(changes, counters, reader facts) by the plain path and by the fast path."""
+    results = []
+    for fast in (False, True):
+        pipeline = SignalPipeline(demo_decoder())
+        with open_capture(path, fmt, channel) as reader:
+            run = pipeline.run_capture(reader) if fast else pipeline.run(reader)
+            changes = [(c.t, c.path, c.value, c.quality) for c in run]
+            facts = (reader.malformed, reader.first_malformed, reader.other_channel,
+                     reader.frames, reader.error)
+        results.append((changes, pipeline.decoder.counters.as_dict(), facts))
+    return results
+
+
+def test_frame_keys_agree_with_the_dbc_layer():
+    assert CAPTURE_EXTENDED_KEY == EXTENDED_KEY
+
+
+def test_simulated_drive_decodes_identically(tmp_path):
+    capture = tmp_path / "drive.log"
+    write_capture(demo_vehicle(), capture, 30.0, 7, 3000.0, None)
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    changes, counters, _ = fast
+    assert counters["frames"] > 80_000 and counters["unmapped"] > 0 and counters["decoded"] > 0
+    assert counters["frames"] == sum(v for k, v in counters.items() if k != "frames")
+    assert any(path.endswith("Window.Position") for _, path, _, _ in changes)   # mux pages
+
+
+def line(t: float, ident: str, data: str, chan: str = "can0") -> str:
+    return f"({t:.6f}) {chan} {ident}#{data}"
+
+
+def test_stale_changes_come_at_the_unmapped_frame_that_notices_them(tmp_path):
+    """Body frames (one payload, repeated) stop while unrelated traffic goes on: the stale
+    changes carry the time of the unrelated frame at which the check ran, and the payload
+    coming back is decoded again, by both paths."""
+    body = body_payload().hex().upper()
+    lines = []
+    t = 1700000000.0
+    for n in range(400):                 # 2 s: body every 50 ms for 0.5 s, then nothing
+        t = 1700000000.0 + n * 0.005
+        if n % 10 == 0 and (n < 100 or n >= 300):       # the same payload each time
+            lines.append(line(t, f"{BODY_ID:03X}", body))
+        lines.append(line(t + 0.0001, "123", "0011223344556677"))
+    capture = tmp_path / "gap.log"
+    capture.write_text("\n".join(lines) + "\n")
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    stale = [c for c in fast[0] if c[3] == STALE and c[1] in BODY_PATHS]
+    assert sorted(path for _, path, _, _ in stale) == sorted(BODY_PATHS)
+    unrelated = {round(1700000000.0 + n * 0.005 + 0.0001, 6) for n in range(400)}
+    assert {round(t, 6) for t, *_ in stale} <= unrelated
+    last_body = 1700000000.0 + 90 * 0.005
+    assert all(t > last_body + 0.3 and t < last_body + 0.3 + 2 * STALE_CHECK_INTERVAL
+               for t, *_ in stale)
+    # Repeats are unchanged; the same payload after the silence is decoded again.
+    assert fast[1]["unchanged"] == 9 + 9 and fast[1]["decoded"] == 2
+    back = [c for c in fast[0] if c[1] in BODY_PATHS and c[0] == 1700000000.0 + 300 * 0.005]
+    assert sorted(path for _, path, _, _ in back) == sorted(BODY_PATHS)
+
+
+ODD_LINES = [
+    line(1.0, "123", "0011"),
+    "",
+    "   ",
+    "# a comment",
+    line(1.01, "2b0", body_payload().hex()),            # a mapped id in lower case
+    line(1.02, "7FF", "00"),
+    line(1.03, "800", "00"),                            # 11-bit id out of range
+    line(1.04, "123", "001"),                           # odd number of digits
+    line(1.05, "123", "00112233445566778899"),          # 10 bytes on classic CAN
+    line(1.06, "123", "00GG"),                          # not hex
+    line(1.07, "123", ""),                              # no data
+    line(1.08, "123", "R"),                             # remote, unmapped
+    line(1.09, f"{BODY_ID:03X}", "R8"),                 # remote, mapped
+    line(1.10, "123", "#1" + "00" * 12),                # CAN FD, unmapped
+    line(1.11, "20000004", "0000000000000000"),         # error frame
+    line(1.12, "1FFFFFFF", "00"),                       # 29-bit id, unmapped
+    line(1.13, "3FFFFFFF", "00"),                       # error flag plus bits: error frame
+    line(1.14, "40000000", "00"),                       # beyond 29 bits
+    line(1.15, "1234", "00"),                           # 4 digits
+    "(1.16) can0 123",                                  # no '#'
+    "(1.17) can0 123#00 extra",                         # four fields
+    "(1e1) can0 123#00",                                # a timestamp float() takes
+    "(nan) can0 123#00",
+    "(inf) can0 123#00",
+    "(-1.5) can0 123#00",
+    "(1_0.5) can0 123#00",
+    "(1.5_) can0 123#00",
+    "(.5) can0 123#00",
+    "(5.) can0 123#00",
+    "(.) can0 123#00",
+    "() can0 123#00",
+    "(" + "9" * 400 + ".0) can0 123#00",               # overflows to inf
+    "(1.18 can0 123#00",
+    "(\u0661.5) can0 123#00",                           # Arabic-Indic digit: float() takes it
+    line(1.19, "123", "00", chan="can1"),               # another channel
+    line(1.20, f"{WINDOW_ID:03X}", "01320000"),         # multiplexed, page 1
+    line(1.21, f"{WINDOW_ID:03X}", "01320000"),         # same payload again
+    line(1.22, f"{WINDOW_ID:03X}", "00330000"),         # page 0
+    line(1.23, f"{CLUSTER_ID:03X}", "00"),              # mapped, wrong length
+    line(1.24, "18FF50E5", "0000000000000000"),         # the mapped 29-bit id
+    line(1.25, "18ff50e5", "0000000000000000"),         # same, unchanged
+    "x" * 3000,                                         # overlong
+    line(1.30, "123", "00"),
+]
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+@pytest.mark.parametrize("channel", [None, "can0"])
+def test_every_kind_of_line_is_handled_identically(tmp_path, ending, channel):
+    capture = tmp_path / "odd.log"
+    capture.write_text(ending.join(ODD_LINES) + ending, newline="")
+    plain, fast = both_paths(capture, "candump", channel)
+    assert fast == plain
+    changes, counters, (malformed, first, other, _frames, _error) = fast
+    assert counters["frames"] == sum(v for k, v in counters.items() if k != "frames")
+    assert counters["error_frames"] == 2 and counters["remote_frames"] == 1
+    assert counters["wrong_length"] == 1 and counters["decoded"] >= 4
+    assert malformed > 10 and other == (1 if channel else 0)
+
+
+def test_carriage_returns_after_many_plain_lines(tmp_path):
+    """A file that turns to \\r\\n past the first blocks: line numbers still count right."""
+    plain_part = "\n".join(line(1.0 + n * 0.001, "123", "00") for n in range(20_000))
+    capture = tmp_path / "late-cr.log.gz"
+    with gzip.open(capture, "wt", newline="") as f:
+        f.write(plain_part + "\r\n" + "\r\n".join(ODD_LINES) + "\r\n")
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    assert fast[2][1][0][0] == 20_001 + ODD_LINES.index(line(1.03, "800", "00"))
+
+
+@pytest.mark.parametrize("suffix, writer", [(".asc", "ASCWriter"), (".blf", "BLFWriter")])
+def test_other_formats_filter_identically(tmp_path, suffix, writer):
+    """ASC and BLF through python-can's readers and the generic filter: same as decoding all."""
+    import can
+
+    source = tmp_path / "drive.log"
+    write_capture(demo_vehicle(), source, 5.0, 3, 2000.0, None)
+    capture = tmp_path / f"drive{suffix}"
+    out = getattr(can, writer)(str(capture))
+    with open_capture(source) as reader:
+        for msg in reader:
+            msg.channel = 0
+            out.on_message_received(msg)
+    out.stop()
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    assert fast[1]["unmapped"] > 0 and fast[1]["decoded"] > 0 and fast[0]
+
+
+ASC_HEAD = ASC.split("   0.010000")[0]      # header, trigger block, start of measurement
+ASC_ODD = [
+    "   0.010000 1  3D0             Rx   d 8 9C 80 15 70 00 00 00 71",
+    "   0.011000 1  123             Rx   d 8 00 11 22 33 44 55 66 77",
+    "   0.012000 2  123             Tx   d 2 00 11",
+    "   0.013000 1  123             Rx   d 8 00 11",                     # fewer bytes than DLC
+    "   0.014000 1  123             Rx   d 8 00 11 22 33 44 55 66 77 88 99",
+    "   0.015000 1  123             Rx   d 8 0 11 22 33 44 55 66 77",    # one-digit byte
+    "   0.016000 1  123             Rx   d 8 00 ZZ 22 33 44 55 66 77",   # not hex
+    "   0.017000 1  123             Rx   d 8 100 11 22 33 44 55 66 77",  # > 255
+    "   0.018000 1  123             Rx   d F 00 11 22 33 44 55 66 77",   # DLC 15
+    "   0.019000 1  123             Rx   d G 00",                       # bad DLC
+    "   0.020000 1  123             Rx   r",                            # remote
+    "   0.021000 1  123             Rx   r 8",
+    "   0.022000 1  ErrorFrame",
+    "   0.023000 1  1FFFFFFFx       Rx   d 1 00",
+    "   0.024000 1  18FF50E5x       Rx   d 8 00 00 AC 41 64 00 00 00",
+    "   0.025000 1  x               Rx   d 1 00",
+    "   0.026000 1  12G             Rx   d 1 00",
+    "   0.027000 1  123             Xx   d 1 00",
+    "   0.028000 1\u00a0 123             Rx   d 1 00",                     # no-break space
+    "   0.029000 01 123             Rx   d 1 00",
+    "   .030000 1  123             Rx   d 1 00",
+    "   0.031000 CANFD 1 Rx 123 1 0 d 8 8 00 11 22 33 44 55 66 77 0 0 0 0 0 0 0",
+    "   0.032000 1  2B0             Rx   d 8 00 0F 00 00 00 00 00 BF",
+    "   0.5 1  123             Rx   d 1 00",
+    "   9.000000 1  123             Rx   d 1 00",                       # stale checks due
+    "   9.500000 1  3D0             Rx   d 8 9C 80 15 70 00 00 00 71",
+    "   9.600000 1  123             Rx   d 1 00 Length = 1 BitCount = 44 ID = 291",
+    "End TriggerBlock",
+]
+
+
+@pytest.mark.parametrize("channel", [None, "1"])
+def test_every_kind_of_asc_line_is_handled_identically(tmp_path, channel):
+    capture = tmp_path / "odd.asc"
+    capture.write_text(ASC_HEAD + "\n".join(ASC_ODD) + "\n")
+    plain, fast = both_paths(capture, "asc", channel)
+    assert fast == plain
+    changes, counters, (malformed, _first, other, _frames, _error) = fast
+    assert counters["frames"] == sum(v for k, v in counters.items() if k != "frames")
+    assert counters["unmapped"] > 5 and counters["decoded"] >= 3 and malformed >= 3
+    assert any(quality == STALE for *_, quality in changes)
+    assert other == (1 if channel else 0)
+
+
+def test_decode_loads_neither_mqtt_nor_signing(tmp_path):
+    """`decode` is offline: paho-mqtt and cryptography stay unimported (memory, start-up)."""
+    import subprocess
+    import sys
+
+    capture = tmp_path / "one.log"
+    capture.write_text(line(1.0, f"{BODY_ID:03X}", body_payload().hex()) + "\n")
+    probe = ("import sys; from agent.cli import main; code = main(['decode', '--config', "
+             f"{str(DEMO_CONFIG)!r}, {str(capture)!r}]); "
+             "print(code, sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'paho', 'cryptography', 'agent'}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.splitlines()[-1] == "0 ['agent']"
+
+
+# Property: on any soup of mostly-valid lines, garbage and line endings (the fuzz suite's own
+# strategies), in candump and ASC, the fast path agrees with the plain one.
+from hypothesis import given, settings, strategies as st          # noqa: E402
+from test_fuzz import FUZZ, _format_soup, _soup                   # noqa: E402
+
+_SOUP_DIR: list[Path] = []
+
+
+@settings(max_examples=150, **FUZZ)
+@given(data=st.data(), kind=st.sampled_from(["candump", "asc"]),
+       ending=st.sampled_from(["\n", "\n", "\r\n", "\r"]),
+       channel=st.none() | st.sampled_from(["can0", "vcan0", "1"]))
+def test_fast_path_agrees_on_line_soups(tmp_path_factory, data, kind, ending, channel):
+    if not _SOUP_DIR:
+        _SOUP_DIR.append(tmp_path_factory.mktemp("soups"))
+    lines = data.draw(_format_soup(kind), label="lines")
+    path = _SOUP_DIR[0] / f"soup.{'log' if kind == 'candump' else 'asc'}"
+    path.write_bytes(_soup(lines, ending))
+    plain, fast = both_paths(path, kind, channel)
+    assert fast == plain
