@@ -170,3 +170,21 @@ EXT_DBC = DBC_HEADER + (
     "SG_MUL_VAL_ 1280 FuelPct Page 0-0;\n"
     "SG_MUL_VAL_ 1280 RangeKm SubPage 2-2;\n"
 )
+
+
+# A small Vector ASC capture: two channels, an error frame, a malformed line, a 29-bit id.
+ASC = """\
+date Mon Jan 5 10:00:00.000 am 2026
+base hex  timestamps absolute
+internal events logged
+// version 9.0.0
+Begin Triggerblock Mon Jan 5 10:00:00.000 am 2026
+   0.000000 Start of measurement
+   0.010000 1  3D0             Rx   d 8 9C 80 15 70 00 00 00 71
+   0.020000 2  2B0             Rx   d 8 00 0F 00 00 00 00 00 BF
+   0.030000 1  ErrorFrame
+   0.040000 1  3D0             Rx   d 8 9C 80 ZZ 70 00 00 00 71
+   0.050000 2  18FF50E5x       Rx   d 8 00 00 AC 41 64 00 00 00
+   0.060000 1  3D0             Rx   d 8 96 80 15 70 00 00 00 6B
+End TriggerBlock
+"""

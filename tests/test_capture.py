@@ -16,7 +16,7 @@ from agent.can.capture.pythoncan import PythonCanReader
 from agent.errors import UserError
 from agent.signals.model import VALID
 from agent.signals.state import SignalPipeline
-from coredata import REL, cluster_payload, demo_decoder, write
+from coredata import ASC, REL, cluster_payload, demo_decoder, write
 
 
 def read_all(path, fmt=None, channel=None):
@@ -278,21 +278,6 @@ def test_asc_reader_streams_from_a_lazy_handle():
 
 # -- Vector ASC --------------------------------------------------------------------------------
 
-ASC = """\
-date Mon Jan 5 10:00:00.000 am 2026
-base hex  timestamps absolute
-internal events logged
-// version 9.0.0
-Begin Triggerblock Mon Jan 5 10:00:00.000 am 2026
-   0.000000 Start of measurement
-   0.010000 1  3D0             Rx   d 8 9C 80 15 70 00 00 00 71
-   0.020000 2  2B0             Rx   d 8 00 0F 00 00 00 00 00 BF
-   0.030000 1  ErrorFrame
-   0.040000 1  3D0             Rx   d 8 9C 80 ZZ 70 00 00 00 71
-   0.050000 2  18FF50E5x       Rx   d 8 00 00 AC 41 64 00 00 00
-   0.060000 1  3D0             Rx   d 8 96 80 15 70 00 00 00 6B
-End TriggerBlock
-"""
 
 
 def check_asc(reader, frames):

@@ -17,7 +17,7 @@ from agent.can.dbc import EXTENDED_KEY
 from agent.dev.simulate import write_capture
 from agent.signals.model import STALE
 from agent.signals.state import STALE_CHECK_INTERVAL, SignalPipeline
-from test_capture import ASC
+from coredata import ASC
 from coredata import (BODY_ID, BODY_PATHS, CLUSTER_ID, DEMO_CONFIG, WINDOW_ID, body_payload,
                       demo_decoder, demo_vehicle)
 
@@ -240,7 +240,7 @@ def test_decode_loads_neither_mqtt_nor_signing(tmp_path):
 # Property: on any soup of mostly-valid lines, garbage and line endings (the fuzz suite's own
 # strategies), in candump and ASC, the fast path agrees with the plain one.
 from hypothesis import given, settings, strategies as st          # noqa: E402
-from test_fuzz import FUZZ, _format_soup, _soup                   # noqa: E402
+from support.soups import FUZZ, _format_soup, _soup               # noqa: E402
 
 _SOUP_DIR: list[Path] = []
 

@@ -33,8 +33,8 @@ from agent.uplink.mqtt import Uplink, publish_packet_size
 from agent.uplink import outbox as outbox_module
 from agent.uplink.outbox import Outbox, OutboxInUse
 from conftest import running_broker
-from coredata import IS_OPEN
-from agentrun import REPO, run_agent, simulated_drive, write_agent_config
+from coredata import IS_OPEN, REPO
+from support.agent_run import run_agent, simulated_drive, write_agent_config
 
 DISK_FULL = "database or disk is full"
 
@@ -182,7 +182,7 @@ class AgentThread:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_the_daemon_stops_with_exit_1_when_the_network_thread_is_gone(tmp_path, pki, broker,
                                                                       drive):
-    config = write_agent_config(tmp_path, pki, broker.port, drive, realtime=True)
+    config = write_agent_config(tmp_path, pki, broker.port, capture=drive, realtime=True)
     with AgentThread(config) as running:
         assert wait_until(running.agent.uplink.is_connected)
         running.agent.outbox.pending = raise_fatal
@@ -224,7 +224,7 @@ def test_stop_without_a_connection_does_not_wait_to_drain(tmp_path, pki, broker,
                                                           tmp_path_factory, signum):
     foreign = tmp_path_factory.mktemp("foreign")
     init_pki(foreign, ["VIN1"])             # another CA: the broker refuses this certificate
-    config = write_agent_config(tmp_path, pki, broker.port, drive, realtime=True,
+    config = write_agent_config(tmp_path, pki, broker.port, capture=drive, realtime=True,
                                 credentials=foreign)
     agent = AgentProcess(config)
     try:
@@ -247,7 +247,7 @@ def test_stop_without_a_connection_does_not_wait_to_drain(tmp_path, pki, broker,
 
 def test_failed_starts_spend_no_boot_number(tmp_path, pki, drive):
     closed_port = free_port()              # nothing listens: delivery is not the point here
-    bus_missing = write_agent_config(tmp_path, pki, closed_port, drive)
+    bus_missing = write_agent_config(tmp_path, pki, closed_port, capture=drive)
     text = bus_missing.read_text().replace(
         f"can: {{capture: {drive}, realtime: false}}",
         "can: {interface: socketcan, channel: nosuchcan0}")
@@ -256,13 +256,14 @@ def test_failed_starts_spend_no_boot_number(tmp_path, pki, drive):
         with pytest.raises(TransientError):
             Agent(bus_missing).run()
     mismatched = tmp_path / "mismatch.yaml"  # the TLS key does not belong to the certificate
-    mismatched.write_text(write_agent_config(tmp_path, pki, closed_port, drive).read_text()
-                          .replace(f"cert: {pki / 'VIN1.crt'}", f"cert: {pki / 'VIN2.crt'}"))
+    good_text = write_agent_config(tmp_path, pki, closed_port, capture=drive).read_text()
+    mismatched.write_text(good_text.replace(f"cert: {pki / 'VIN1.crt'}",
+                                            f"cert: {pki / 'VIN2.crt'}"))
     with pytest.raises(KeyFileError):
         Agent(mismatched)
     with Outbox(tmp_path / "outbox.db", count_boot=False) as outbox:
         assert outbox.boot == 0 and len(outbox) == 0
-    good = write_agent_config(tmp_path, pki, closed_port, drive)
+    good = write_agent_config(tmp_path, pki, closed_port, capture=drive)
     result = Agent(good, drain_timeout=0.1).run()   # opened the bus: boot 1
     assert result.exit_code == 1 and result.queued > 0
     with Outbox(tmp_path / "outbox.db", count_boot=False) as outbox:
@@ -355,7 +356,7 @@ def test_outbox_lock_refuses_a_second_holder_until_closed(tmp_path):
 @pytest.mark.mqtt
 def test_a_second_agent_on_the_same_outbox_is_refused_with_one_line(tmp_path, pki, broker,
                                                                     drive):
-    config = write_agent_config(tmp_path, pki, broker.port, drive, realtime=True)
+    config = write_agent_config(tmp_path, pki, broker.port, capture=drive, realtime=True)
     first = AgentProcess(config)
     try:
         assert wait_until(lambda: first.saw("uplink: connected"), 30), first.lines
@@ -459,7 +460,7 @@ def test_snapshot_size_bound_holds_for_a_real_signed_snapshot(pki):
 def test_an_outbox_locked_by_another_process_keeps_the_signed_event_pending(
         tmp_path, pki, drive, monkeypatch):
     monkeypatch.setattr(outbox_module, "BUSY_TIMEOUT_S", 0.2)   # the real one waits 5 s
-    config = write_agent_config(tmp_path, pki, free_port(), drive)
+    config = write_agent_config(tmp_path, pki, free_port(), capture=drive)
     agent = Agent(config)
     door = IS_OPEN[0]
     other = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
@@ -488,7 +489,7 @@ def test_a_rotated_signing_key_is_re_read_and_an_unusable_one_ignored(tmp_path, 
     key = tmp_path / "signing.key"
     shutil.copy(pki / "VIN1.signing.key", key)
     key.chmod(0o600)
-    config = write_agent_config(tmp_path, pki, free_port(), drive)
+    config = write_agent_config(tmp_path, pki, free_port(), capture=drive)
     config.write_text(config.read_text().replace(str(pki / "VIN1.signing.key"), str(key)))
     rotated = tmp_path_factory.mktemp("rotated")
     init_pki(rotated, ["VIN1"])                      # a new signing key for the same car

@@ -17,7 +17,7 @@ from agent.cloud.config import load_cloud_config
 from agent.cloud.watch import CloudWatcher, format_human
 from agent.uplink.outbox import Outbox, OutboxCorrupt, open_outbox
 from agent.uplink.signing import Signer, Verifier
-from agentrun import run_agent, simulated_drive, write_agent_config
+from support.agent_run import run_agent, simulated_drive, write_agent_config
 
 DOOR = "Vehicle.Cabin.Door.Row1.DriverSide.IsOpen"
 NOW = 1_790_000_000.0   # 2026-09: "now" for the checker's clock
@@ -176,7 +176,7 @@ class Watch:
 @pytest.mark.mqtt
 def test_recreated_and_corrupt_outbox_are_accepted_by_watch(tmp_path, pki, broker, cloud_config,
                                                             drive):
-    config = write_agent_config(tmp_path, pki, broker.port, drive)
+    config = write_agent_config(tmp_path, pki, broker.port, capture=drive)
     outbox = tmp_path / "outbox.db"
     watch = Watch(cloud_config())
     watch.watcher.start()

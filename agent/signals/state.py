@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import can
 
+from agent.can.dbc import frame_key
 from agent.can.source import Timeline
 from agent.signals.decoder import Decoder
 from agent.signals.model import STALE, Change
@@ -103,9 +104,19 @@ class SignalPipeline:
         """All changes of a frame stream, in order (offline decoding).
 
         The capture's clock is re-based where it goes back or jumps ahead (see
-        :class:`agent.can.source.Timeline`), so staleness keeps working after a bad timestamp.
+        :class:`agent.can.source.Timeline`), so staleness keeps working after a bad timestamp;
+        frames of ids nobody maps, and not due for a stale check, do not re-base it.
         """
-        for msg in Timeline().frames(frames):
+        timeline = Timeline()
+        keys = frozenset(self.decoder.frame_keys)
+        for msg in frames:
+            # The clock follows the frames the decoder uses (as run_capture's does): a frame
+            # of an unmapped id that is not due for a check only moves with the offset.
+            t = msg.timestamp + timeline.offset
+            if (msg.is_error_frame or t >= self.next_check
+                    or frame_key(msg.arbitration_id, msg.is_extended_id) in keys):
+                t = timeline(msg.timestamp)
+            msg.timestamp = t
             changes = self.feed(msg)
             if changes:
                 yield from changes
@@ -116,12 +127,41 @@ class SignalPipeline:
         timestamps when a stale check is due."""
         counters = self.decoder.counters
         before = reader.unwanted
+        timeline = Timeline()
+        clock = _CaptureClock(self, timeline)
         try:
-            for item in reader.filtered(frozenset(self.decoder.frame_keys), self):
-                changes = self.tick(item) if item.__class__ is float else self.feed(item)
+            for item in reader.filtered(frozenset(self.decoder.frame_keys), clock):
+                if item.__class__ is float:
+                    changes = self.tick(timeline(item))
+                else:
+                    item.timestamp = timeline(item.timestamp)
+                    changes = self.feed(item)
                 if changes:
                     yield from changes
         finally:
             unmapped = reader.unwanted - before
             counters.frames += unmapped
             counters.unmapped += unmapped
+
+
+class _CaptureClock:
+    """The pipeline's clock as a capture reader sees it, in the capture's own timestamps.
+
+    The pipeline runs on re-based time (:class:`Timeline`); the reader compares raw
+    timestamps, so the next check is moved back by the timeline's offset. The timeline sees
+    the frames the reader hands over (mapped ones, repeats, and those that reach a check):
+    an unmapped frame whose timestamp goes back is skipped as any other, without re-basing.
+    """
+
+    __slots__ = ("pipeline", "timeline")
+
+    def __init__(self, pipeline: SignalPipeline, timeline: Timeline) -> None:
+        self.pipeline = pipeline
+        self.timeline = timeline
+
+    @property
+    def next_check(self) -> float:
+        return self.pipeline.next_check - self.timeline.offset
+
+    def repeated(self, key: int, data: bytes, t: float) -> bool:
+        return self.pipeline.repeated(key, data, self.timeline(t))

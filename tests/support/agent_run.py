@@ -23,14 +23,17 @@ def write_agent_config(directory: Path, pki: Path, port: int, *, capture: Path |
                        signing_key: Path | None = None, realtime: bool = False,
                        policy: str = "", extra: str = "", store: Path | None = None,
                        dbc: Path | None = None, mapping: Path | None = None,
-                       name: str = "agent.yaml") -> Path:
+                       name: str = "agent.yaml", credentials: Path | None = None) -> Path:
     """An agent config for the demo vehicle (or ``dbc``/``mapping``) on ``pki`` and a broker
     on ``port``.
 
     The source is ``capture`` (a capture file) unless ``can`` gives the ``can:`` mapping
     verbatim; ``policy`` and ``extra`` are appended as YAML lines. The outbox is
-    ``directory/outbox.db`` unless ``store`` says otherwise.
+    ``directory/outbox.db`` unless ``store`` says otherwise. ``credentials``: another folder
+    holding the client certificate and key (``{vid}.crt``/``.key``).
     """
+    if credentials is not None:
+        cert, key = cert or credentials / f"{vid}.crt", key or credentials / f"{vid}.key"
     if signing_key is None:
         signing_key = pki / f"{vid}.signing.key"
         if not signing_key.exists():
@@ -50,6 +53,16 @@ store: {{path: {store or directory / 'outbox.db'}}}
 {policy}
 {extra}
 """)
+    return path
+
+
+def simulated_drive(directory: Path, seconds: float, seed: int) -> Path:
+    """A candump capture of the demo vehicle's simulated drive."""
+    from agent.dev.simulate import write_capture
+    from agent.signals.vehicle import load_vehicle
+
+    path = directory / "drive.log"
+    write_capture(load_vehicle(DEMO), path, seconds, seed=seed)
     return path
 
 

@@ -14,7 +14,6 @@ never converted into a :class:`can.Message`.
 from __future__ import annotations
 
 import io
-import math
 import zlib
 from typing import Callable, Iterator
 
