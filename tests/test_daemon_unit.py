@@ -30,8 +30,9 @@ from agent.uplink.signing import Verifier
 from agent.dev.simulate import write_capture
 from agent.signals.state import SignalPipeline, VehicleState
 from agent.signals.vehicle import load_vehicle
-from coredata import (DEMO_CONFIG, DEMO_DBC, DEMO_MAPPING, IS_LOCKED, IS_OPEN, RANGE, REL, TRUNK,
+from coredata import (DEMO_CONFIG, IS_LOCKED, IS_OPEN, RANGE, REL, TRUNK,
                       WINDOWS)
+from support.agent_run import write_agent_config
 from support.handdecode import final_values
 
 VID = "VIN1"
@@ -47,19 +48,10 @@ POLICY = "policy: {snapshot_min_interval_s: 1}\n"
 def write_config(directory: Path, pki: Path, capture: Path, *, store: Path, port: int,
                  drop: str | None = None, signing_key: Path | None = None,
                  extra: str = POLICY) -> Path:
-    sections = {
-        "can": f"can: {{capture: {capture}, realtime: false}}\n",
-        "signing": f"signing: {{key: {signing_key or pki / f'{VID}.signing.key'}}}\n",
-        "mqtt": (f"mqtt: {{host: 127.0.0.1, port: {port}, ca: {pki / 'ca.crt'}, "
-                 f"cert: {pki / f'{VID}.crt'}, key: {pki / f'{VID}.key'}, "
-                 f"reconnect_min_s: 0.2, reconnect_max_s: 0.5}}\n"),
-        "store": f"store: {{path: {store}}}\n",
-    }
-    text = f"vehicle_id: {VID}\ndbc: [{DEMO_DBC}]\nmapping: {DEMO_MAPPING}\n"
-    text += "".join(v for k, v in sections.items() if k != drop) + extra
-    path = directory / f"agent-{drop or 'full'}.yaml"
-    path.write_text(text, encoding="utf-8")
-    return path
+    """The shared agent config (tests/support), one file per left-out section."""
+    return write_agent_config(directory, pki, port, capture=capture, store=store, drop=drop,
+                              signing_key=signing_key, policy=extra,
+                              name=f"agent-{drop or 'full'}.yaml")
 
 
 def copy_store(store: Path, target: Path) -> Path:

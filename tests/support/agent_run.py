@@ -23,14 +23,16 @@ def write_agent_config(directory: Path, pki: Path, port: int, *, capture: Path |
                        signing_key: Path | None = None, realtime: bool = False,
                        policy: str = "", extra: str = "", store: Path | None = None,
                        dbc: Path | None = None, mapping: Path | None = None,
-                       name: str = "agent.yaml", credentials: Path | None = None) -> Path:
+                       name: str = "agent.yaml", credentials: Path | None = None,
+                       drop: str | None = None) -> Path:
     """An agent config for the demo vehicle (or ``dbc``/``mapping``) on ``pki`` and a broker
     on ``port``.
 
     The source is ``capture`` (a capture file) unless ``can`` gives the ``can:`` mapping
     verbatim; ``policy`` and ``extra`` are appended as YAML lines. The outbox is
     ``directory/outbox.db`` unless ``store`` says otherwise. ``credentials``: another folder
-    holding the client certificate and key (``{vid}.crt``/``.key``).
+    holding the client certificate and key (``{vid}.crt``/``.key``). ``drop``: leave out one
+    section (``can``, ``signing``, ``mqtt`` or ``store``).
     """
     if credentials is not None:
         cert, key = cert or credentials / f"{vid}.crt", key or credentials / f"{vid}.key"
@@ -40,19 +42,21 @@ def write_agent_config(directory: Path, pki: Path, port: int, *, capture: Path |
             signing_key = pki / "VIN1.signing.key"
     source = can if can is not None else \
         f"{{capture: {capture}, realtime: {str(realtime).lower()}}}"
+    sections = {
+        "can": f"can: {source}\n",
+        "signing": f"signing: {{key: {signing_key}}}\n",
+        "mqtt": (f"mqtt: {{host: 127.0.0.1, port: {port}, ca: {ca or pki / 'ca.crt'}, "
+                 f"cert: {cert or pki / f'{vid}.crt'},\n"
+                 f"        key: {key or pki / f'{vid}.key'}, reconnect_min_s: 0.2, "
+                 "reconnect_max_s: 1}\n"),
+        "store": f"store: {{path: {store or directory / 'outbox.db'}}}\n",
+    }
     path = directory / name
-    path.write_text(f"""\
-vehicle_id: {vid}
-can: {source}
-dbc: [{dbc or ROOT / 'dbc' / 'demo_vehicle.dbc'}]
-mapping: {mapping or ROOT / 'config' / 'mapping' / 'demo_vehicle.yaml'}
-signing: {{key: {signing_key}}}
-mqtt: {{host: 127.0.0.1, port: {port}, ca: {ca or pki / 'ca.crt'}, cert: {cert or pki / f'{vid}.crt'},
-        key: {key or pki / f'{vid}.key'}, reconnect_min_s: 0.2, reconnect_max_s: 1}}
-store: {{path: {store or directory / 'outbox.db'}}}
-{policy}
-{extra}
-""")
+    path.write_text(f"vehicle_id: {vid}\n"
+                    f"dbc: [{dbc or ROOT / 'dbc' / 'demo_vehicle.dbc'}]\n"
+                    f"mapping: {mapping or ROOT / 'config' / 'mapping' / 'demo_vehicle.yaml'}\n"
+                    + "".join(text for section, text in sections.items() if section != drop)
+                    + f"{policy}\n{extra}\n")
     return path
 
 
