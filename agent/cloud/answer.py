@@ -17,13 +17,13 @@ voice platforms take no SSML).
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import time
 from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
 
+from agent.cloud.checks import iso_utc
 from agent.cloud.view import Reading, VehicleView
 
 LANGS = ("en", "zh")
@@ -158,8 +158,7 @@ def answer(view: VehicleView, lang: str = "en", now: float | None = None) -> dic
     result: dict[str, Any] = {
         "vid": view.vid,
         "lang": lang,
-        "as_of": dt.datetime.fromtimestamp(view.as_of, dt.timezone.utc)
-                   .isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "as_of": iso_utc(view.as_of, "seconds"),
         "age_s": age_s,
         "online": view.online,
         "range_m": range_m,

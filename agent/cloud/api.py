@@ -14,7 +14,6 @@ exist, so ids cannot be probed; over the token's rate -> 429. A failing store is
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from typing import Any, Callable, Literal
@@ -25,6 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from agent import __version__
 from agent.cloud.answer import NoAnswer, answer
+from agent.cloud.checks import iso_utc
 from agent.cloud.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from agent.cloud.owners import OwnerDirectory, RateLimiter, token_hash
 from agent.cloud.store import Store
@@ -37,10 +37,7 @@ Lang = Literal["en", "zh"]
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds") \
-        .replace("+00:00", "Z")
+    return None if ts is None else iso_utc(ts)
 
 
 #: Requests with more header bytes (or lines) than this are refused with 431: a real client

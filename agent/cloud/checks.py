@@ -375,13 +375,18 @@ def _claims_problem(claims: dict[str, Any]) -> str | None:
     return None
 
 
+def iso_utc(seconds: float, timespec: str = "milliseconds") -> str:
+    """Unix seconds as ISO 8601 UTC ending in ``Z`` (as records, the API and answers say it)."""
+    moment = dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+    return moment.isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 def ts_text(ts_ms: int) -> str:
     """A ``ts`` claim as ISO 8601 UTC with milliseconds (``ts=N`` if out of range)."""
     try:
-        moment = dt.datetime.fromtimestamp(ts_ms / 1000, dt.timezone.utc)
+        return iso_utc(ts_ms / 1000)
     except (OverflowError, OSError, ValueError):
         return f"ts={ts_ms}"
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _rejected(topic: str, reason: str, seq: int | None = None) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from agent.cloud.config import CloudConfig
 from agent.cloud.metrics import ServeMetrics, reason_label
 from agent.cloud.snapshot import make_request, publish_request
 from agent.cloud.store import Store
+from agent.cloud.view import online_of
 from agent.cloud.watch import CloudWatcher
 
 log = logging.getLogger("car_agent.serve")
@@ -123,8 +124,7 @@ class Ingest:
         vid = record.get("vid")
         try:
             if kind == "status":
-                status = record.get("status")
-                online = True if status == "online" else False if status == "offline" else None
+                online = online_of(record.get("status"))
                 with self.metrics.store_seconds.labels("status").time():
                     self.store.set_online(vid, online)
             elif record.get("verified"):

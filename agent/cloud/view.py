@@ -69,6 +69,11 @@ class VehicleView:
         return self.source.ts if self.source is not None else None
 
 
+def online_of(status: Any) -> bool | None:
+    """The retained ``status`` payload as online (True), offline (False) or unknown (None)."""
+    return True if status == "online" else False if status == "offline" else None
+
+
 def _newer(a: Source, b: Source | None) -> bool:
     """Is message ``a`` newer than ``b``? Within one stream (one outbox) seq decides, across
     restarts too; across streams (a recreated outbox) the signing time does."""
@@ -94,9 +99,8 @@ def merge(view: VehicleView | None, record: dict[str, Any]) -> VehicleView:
     if view is None:
         view = VehicleView(vid=vid)
     if record.get("kind") == "status":
-        status = record.get("status")
-        online = True if status == "online" else False if status == "offline" else view.online
-        return replace(view, online=online)
+        online = online_of(record.get("status"))
+        return replace(view, online=view.online if online is None else online)
     if not record.get("verified") or record.get("kind") not in SIGNED_KINDS:
         return view
     source = source_of(record)

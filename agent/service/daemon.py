@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from agent.service import logsetup
 from agent.uplink.envelope import Envelopes
@@ -43,6 +43,17 @@ LOCKED_RETRY_S = 1.0
 MAX_UNSTORED = 1000
 #: How often the signing key file is checked for a rotation.
 SIGNING_KEY_CHECK_S = 5.0
+
+
+class Unstored(NamedTuple):
+    """A message signed for the outbox and not stored yet (see Agent._store_unstored)."""
+
+    topic: str
+    kind: str
+    make_payload: Callable[[int], bytes]
+    retain: bool = False
+    correlation: bytes | None = None        # a snapshot response's Correlation Data
+    on_stored: Callable[[], None] | None = None
 
 
 @dataclass
@@ -98,7 +109,7 @@ class Agent:
         self.store_errors = 0
         # Signed, not yet stored (outbox locked by another process): (topic, kind, payload
         # factory, retain), oldest first.
-        self._unstored: deque[tuple[str, str, Callable[[int], bytes], bool]] = deque()
+        self._unstored: deque[Unstored] = deque()
         self._locked_until = 0.0
 
     def request_stop(self, *_: object) -> None:
@@ -108,13 +119,14 @@ class Agent:
         topics = self.uplink.topics
         for item in outgoing:
             if item.kind == "event":
-                self._unstored.append((topics["events"], "event",
-                                       self.envelopes.event(item.changes), False))
+                self._unstored.append(Unstored(topics["events"], "event",
+                                               self.envelopes.event(item.changes)))
             else:
-                self._unstored.append((topics["state"], "state",
-                                       self.envelopes.state(self.pipeline.state, now), True))
+                self._unstored.append(Unstored(topics["state"], "state",
+                                               self.envelopes.state(self.pipeline.state, now),
+                                               retain=True))
         while len(self._unstored) > MAX_UNSTORED:   # locked for long: the oldest give way
-            self._store_failed(self._unstored.popleft()[1], "outbox locked; pending limit")
+            self._store_failed(self._unstored.popleft().kind, "outbox locked; pending limit")
         if self._unstored:
             self._store_unstored()
 
@@ -131,9 +143,11 @@ class Agent:
             return
         stored = False
         while pending:
-            topic, kind, make_payload, retain = pending[0]
+            item = pending[0]
+            kind = item.kind
             try:
-                self.outbox.add(topic, kind, make_payload, retain=retain)
+                self.outbox.add(item.topic, kind, item.make_payload, retain=item.retain,
+                                correlation=item.correlation)
             except sqlite3.OperationalError as exc:
                 if "locked" in str(exc) or "busy" in str(exc):
                     self._locked_until = time.monotonic() + LOCKED_RETRY_S
@@ -145,6 +159,8 @@ class Agent:
                 self._store_failed(kind, exc)
             else:
                 stored = True
+                if item.on_stored is not None:
+                    item.on_stored()
             pending.popleft()
         if stored:
             self.uplink.wake()
@@ -154,15 +170,13 @@ class Agent:
         (so it has a seq and survives an outage), to the request's response topic."""
         requests = self.uplink.requests
         for request in requests.take():
-            try:
-                self.outbox.add(request.response_topic, "snapshot",
-                                self.envelopes.snapshot(self.pipeline.state, now),
-                                correlation=request.correlation)
-            except sqlite3.Error as exc:
-                self._store_failed("snapshot", exc)
-                continue
-            requests.answered()
-        self.uplink.wake()
+            # The same path as events and state: kept pending (not lost, the loop not held)
+            # while another process locks the outbox.
+            self._unstored.append(Unstored(request.response_topic, "snapshot",
+                                           self.envelopes.snapshot(self.pipeline.state, now),
+                                           correlation=request.correlation,
+                                           on_stored=requests.answered))
+        self._commit([], now)
 
     def _store_failed(self, kind: str, exc: Exception | str) -> None:
         self.store_errors += 1

@@ -125,7 +125,6 @@ class Uplink:
         self.last_error: str | None = None
         self._tls_hint: str | None = None
         self._stop = threading.Event()
-        self._wake = threading.Event()
         self._inflight: dict[int, int] = {}         # paho mid -> outbox seq
         self._retry_at: dict[int, float] = {}       # seq -> monotonic time it may be retried
         self._acked: set[int] = set()                # delivered, but the delete failed: retry
@@ -175,11 +174,10 @@ class Uplink:
         return self.connected.is_set() and self.alive()
 
     def wake(self) -> None:
-        """A new outbox entry: the uplink thread publishes it now, not when its wait for the
-        socket (client.loop, up to 50 ms) times out. paho's loop also waits on the socket
+        """Wake the network thread now (a new outbox entry, metrics, stop), not when its wait
+        for the socket (client.loop, up to 50 ms) times out. paho's loop also waits on the socket
         pair through which paho itself wakes it; one byte there ends the wait (paho reads and
         drops it). Without that pair (another paho) the entry waits for the timeout."""
-        self._wake.set()
         pair = getattr(self.client, "_sockpairW", None)
         if pair is not None:
             try:
@@ -190,7 +188,7 @@ class Uplink:
     def publish_metrics(self, payload: bytes) -> None:
         """Health metrics (unsigned JSON, QoS 0, not queued): the newest replaces an unsent one."""
         self._metrics = payload
-        self._wake.set()
+        self.wake()
 
     def wait_drained(self, timeout: float, *, while_connected: bool = False) -> bool:
         """Until the outbox is empty (True) or ``timeout`` seconds passed (False).
@@ -204,7 +202,7 @@ class Uplink:
                 return True
             if while_connected and not self.is_connected():
                 return False
-            self._wake.set()
+            self.wake()
             time.sleep(0.05)
         return len(self.outbox) == 0
 
@@ -221,10 +219,10 @@ class Uplink:
         if connected:
             self._status_acked.clear()
             self._want_offline = True
-            self._wake.set()
+            self.wake()
             self._status_acked.wait(offline_timeout)
         self._stop.set()
-        self._wake.set()
+        self.wake()
         self._thread.join(timeout=10 if connected else STOP_JOIN_S)
         self._thread = None
 
@@ -301,8 +299,6 @@ class Uplink:
                     if publish_packet_size(self.topics["metrics"], payload) <= self.max_packet:
                         client.publish(self.topics["metrics"], payload, qos=0)
                 self._pump(client)
-            if self._wake.is_set():
-                self._wake.clear()
         try:
             client.disconnect()
             client.loop(timeout=0.2)
