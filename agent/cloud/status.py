@@ -183,8 +183,8 @@ class StatusClient:
 def build_view(vid: str, *records: dict[str, Any] | None) -> VehicleView:
     view = VehicleView(vid=vid)
     for record in records:
-        if record is not None and (record.get("verified") or record.get("kind") == "status"):
-            view = merge(view, record)
+        if record is not None:
+            view = merge(view, record)      # merge leaves rejected records out itself
     return view
 
 
