@@ -391,7 +391,7 @@ def test_flood_messages_per_second_of_source_time_capped():
     _, emitted, _ = flood(policy)
     times = [t for t, _ in emitted]
     worst = max(sum(1 for u in times if s <= u < s + 1.0) for s in times)
-    assert worst <= cap + 1, worst
+    assert worst == cap, worst                              # never more, and the cap is used
 
 
 def test_flood_long_run_rate_respects_the_cap():
@@ -428,7 +428,8 @@ def test_flush_emits_everything_pending_and_a_final_snapshot_regardless_of_the_c
     policy.due(end)
     policy.observe([ch(end + 0.01, RANGE, 502_000)])       # held (min interval)
     pending = len(policy.batches)
-    assert pending > 5 and policy.held and policy.tokens < 1.0
+    assert pending > 5 and policy.held
+    assert len(policy.sent_times) == 5 and end - policy.sent_times[0] < 1.0   # the cap is reached
     out = policy.flush(end + 0.02)                          # no time for tokens to refill
     assert kinds(out)[-1] == "state"
     assert kinds(out)[:-1] == ["event"] * (len(out) - 1)
@@ -711,16 +712,35 @@ def test_deadband_patterns_keep_the_order_written_in_the_config(tmp_path):
     assert [c.value for c in events(step(policy, t + 1, ch(t + 1, RANGE, 505_000)))] == [505_000]
 
 
-# -- the rate cap's bucket: one token at most, one token per message ---------------------------
+# -- the rate cap's window: at most N messages in any one second ---------------------------------
 
 
-def test_a_long_silence_saves_up_no_more_than_one_message():
-    policy = started(paths=(DOOR,), initial={DOOR: False}, max_messages_per_s=1.0,
+def test_a_long_silence_allows_a_burst_of_the_cap_then_one_second_of_waiting():
+    policy = started(paths=(DOOR,), initial={DOOR: False}, max_messages_per_s=3.0,
                      snapshot_min_interval_s=1000.0, heartbeat_s=1000.0)
     t = T0 + 100.0                                   # 100 s without a message
-    # Three changes of one signal at one instant: three batches (no state is dropped).
-    policy.observe([ch(t, DOOR, True), ch(t, DOOR, False), ch(t, DOOR, True)])
-    assert [[c.value for c in item.changes] for item in policy.due(t)] == [[True]]
-    assert policy.due(t + 0.5) == []                 # half a token
-    assert [[c.value for c in item.changes] for item in policy.due(t + 1.0)] == [[False]]
-    assert [[c.value for c in item.changes] for item in policy.due(t + 2.0)] == [[True]]
+    # Five changes of one signal at one instant: five batches (no state is dropped).
+    policy.observe([ch(t, DOOR, v) for v in (True, False, True, False, True)])
+    assert [[c.value for c in item.changes] for item in policy.due(t)] == [[True], [False], [True]]
+    assert policy.due(t + 0.999) == []               # three went in this second
+    assert [[c.value for c in item.changes] for item in policy.due(t + 1.0)] == [[False], [True]]
+
+
+def test_a_door_event_is_not_held_behind_a_snapshot_that_just_went():
+    policy = started(paths=(DOOR,), initial={DOOR: False}, max_messages_per_s=5.0,
+                     snapshot_min_interval_s=1.0, heartbeat_s=1000.0)
+    t = T0 + 10.0
+    policy.observe([ch(t, DOOR, True)])
+    assert kinds(policy.due(t)) == ["event", "state"]   # the change, then a snapshot
+    policy.observe([ch(t + 0.001, DOOR, False)])
+    assert [[c.value for c in item.changes] for item in policy.due(t + 0.001)] == [[False]]
+
+
+def test_below_one_per_second_one_message_per_period():
+    policy = started(paths=(DOOR,), initial={DOOR: False}, max_messages_per_s=0.5,
+                     snapshot_min_interval_s=1000.0, heartbeat_s=1000.0)
+    t = T0 + 100.0
+    policy.observe([ch(t, DOOR, True), ch(t, DOOR, False)])
+    assert len(policy.due(t)) == 1
+    assert policy.due(t + 1.999) == []
+    assert len(policy.due(t + 2.0)) == 1

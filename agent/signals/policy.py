@@ -6,9 +6,11 @@
 - Quality changes (valid/invalid/stale) always go out.
 - A full snapshot (``state``) follows significant changes at most every
   ``snapshot_min_interval_s``, and goes out every ``heartbeat_s`` regardless.
-- At most ``max_messages_per_s`` signed messages per second (token bucket). Changes arriving
-  while no token is free are batched into one event message — a signal changing twice starts a
-  new batch, so no intermediate state is dropped. Beyond ``max_pending_batches`` the newest
+- At most ``max_messages_per_s`` signed messages in any one second (a sliding window, so a
+  door event is not held back behind a snapshot that has just gone; below one per second, one
+  message per ``1 / max_messages_per_s`` seconds). Changes arriving while the window is full
+  are batched into one event message — a signal changing twice starts a new batch, so no
+  intermediate state is dropped. Beyond ``max_pending_batches`` the newest
   batch absorbs further changes (counted in ``coalesced``), which bounds memory under a flood.
 
 Time is the source's clock (a replayed capture behaves like the drive it recorded).
@@ -56,8 +58,12 @@ class PublishPolicy:
         self.batches: deque[dict[int, Change]] = deque()
         self.significant = False
         self.last_snapshot: float | None = None
-        self.tokens = 1.0
-        self.last_refill: float | None = None
+        # The rate cap: the send times of the last ``window_size`` messages.
+        rate = config.max_messages_per_s
+        self.window_size = max(1, int(rate))
+        self.window_s = 1.0 if rate >= 1.0 else 1.0 / rate
+        self.sent_times: deque[float] = deque(maxlen=self.window_size)
+        self.started = False
         self.counters = PolicyCounters()
 
     # -- input ------------------------------------------------------------------------------
@@ -111,28 +117,28 @@ class PublishPolicy:
                 if now - self.sent_t[i] >= config.min_interval_s:
                     self._enqueue(i, change)
                     self.sent_t[i] = now    # the interval runs from when it was sent
-        if self.last_refill is None:
-            self.last_refill = now
+        if not self.started:
+            self.started = True
             self.last_snapshot = now   # first snapshot once the state has filled
-        elif now > self.last_refill:
-            # A bucket of one token: never more than max_messages_per_s in any second.
-            self.tokens = min(1.0, self.tokens + (now - self.last_refill) *
-                              config.max_messages_per_s)
-            self.last_refill = now
         out: list[Outgoing] = []
         since = now - self.last_snapshot
-        if since >= config.heartbeat_s and self.tokens >= 1.0:
+        if since >= config.heartbeat_s and self._may_send(now):
             # The heartbeat goes first: a backlog of events must not starve it.
             out.append(self._snapshot(now))
-            self.tokens -= 1.0
             since = 0.0
-        while self.batches and self.tokens >= 1.0:
+        while self.batches and self._may_send(now):
             out.append(self._event(self.batches.popleft()))
-            self.tokens -= 1.0
-        if self.significant and since >= config.snapshot_min_interval_s and self.tokens >= 1.0:
+        if self.significant and since >= config.snapshot_min_interval_s and self._may_send(now):
             out.append(self._snapshot(now))
-            self.tokens -= 1.0
         return out
+
+    def _may_send(self, now: float) -> bool:
+        """Whether one more message keeps the cap; if so, it is counted as sent at ``now``."""
+        sent = self.sent_times
+        if len(sent) == self.window_size and now - sent[0] < self.window_s:
+            return False
+        sent.append(now)
+        return True
 
     def flush(self, now: float) -> list[Outgoing]:
         """Everything still pending, ignoring the rate cap, and a final snapshot (shutdown)."""
