@@ -505,7 +505,7 @@ def test_foreign_response_topics_and_long_correlation_are_ignored_and_counted(
 def test_rate_limit_answers_the_burst_and_counts_the_rest_in_metrics(
         tmp_path, pki, broker, cloud):
     with RunningAgent(tmp_path, pki, broker.port,
-                      "cmd: {snapshot_rate: 0.001, snapshot_burst: 2}") as car:
+                      "cmd: {snapshot_rate: 0.001, snapshot_burst: 2}"):
         asker = cloud("vehicles/VIN1/snapshot/+", "vehicles/VIN1/metrics")
         for i in range(5):
             assert not asker.publish(TOPIC, b"", props("vehicles/VIN1/snapshot/r", b"%d" % i)) \
