@@ -106,3 +106,5 @@ def test_head_unit_closure_holds_nothing_of_the_cloud_or_dev():
                if m.startswith(("agent.cloud", "agent.dev"))
                or m.split(".")[0] in CLOUD_EXTRA]
     assert off_car == []
+    # The DBC files are parsed in a start-up child (agent.signals.vehicle.compile_decoder).
+    assert [m for m in loaded if m.split(".")[0] in ("cantools", "textparser", "bitstruct")] == []

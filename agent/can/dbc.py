@@ -14,18 +14,14 @@ from pathlib import Path
 import cantools
 from cantools.database.can import Message
 
+from agent.can.keys import EXTENDED_KEY, frame_key
 from agent.errors import ConfigError
 
-EXTENDED_KEY = 0x80000000   # frame key = id | EXTENDED_KEY for 29-bit ids (no tuple per frame)
 MAX_DBC_BYTES = 32 * 1024 * 1024
 
 _SYNTAX = re.compile(r'Invalid syntax at line (\d+), column (\d+): "(.*)"', re.S)
 # A number written without its leading zero (".25") inside an SG_ line's (factor,offset) or [min|max].
 _LEADING_DOT = re.compile(r"(?<=[(,\[|])([-+]?)\.(\d)")
-
-
-def frame_key(frame_id: int, extended: bool) -> int:
-    return frame_id | EXTENDED_KEY if extended else frame_id
 
 
 @dataclass

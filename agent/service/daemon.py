@@ -29,7 +29,7 @@ from agent.uplink.signing import Signer
 from agent.can.source import FrameSource, open_source
 from agent.signals.state import SignalPipeline
 from agent.uplink.mqtt import Uplink, certificate_expiry
-from agent.signals.vehicle import load_vehicle
+from agent.signals.vehicle import compile_decoder
 
 log = logging.getLogger("car_agent.daemon")
 
@@ -68,8 +68,7 @@ class Agent:
 
     def __init__(self, config_path, drain_timeout: float = 30.0, *,
                  debug: bool | None = None) -> None:
-        vehicle = load_vehicle(config_path)
-        config = vehicle.config
+        config, decoder = compile_decoder(config_path)
         config.require("can", "signing", "mqtt", "store")
         if debug is not None:
             # Before the outbox opens: quarantining a corrupt one is logged.
@@ -77,7 +76,6 @@ class Agent:
             logsetup.configure(logging_config.level, debug, config.vehicle_id,
                                logging_config.mask_vin, logging_config.rate_limit_burst,
                                logging_config.rate_limit_window_s)
-        self.vehicle = vehicle
         self.config = config
         self.drain_timeout = drain_timeout
         # Refuse careless key files before using them (mode, owner): one line saying which.
@@ -86,7 +84,7 @@ class Agent:
         self.signer = Signer.from_file(config.signing.key)
         self._signing_key_file = FileWatcher([config.signing.key])
         self._next_key_check = 0.0
-        self.decoder = vehicle.decoder()
+        self.decoder = decoder
         self.pipeline = SignalPipeline(self.decoder)
         self.policy = PublishPolicy(self.decoder.paths, config.policy)
         # The boot is counted in run(), once the bus is open: a failed start spends none.

@@ -1,24 +1,28 @@
 """Frames -> signal updates: the mapping bound to the DBC, precomputed per frame id.
 
 Everything that can be decided before the first frame is decided in :class:`Decoder`'s
-constructor (which frame ids matter, the bound cantools decoder, which signals feed which VSS
-path and how to convert them), so the per-frame path is a dict lookup, a length check, one
-cantools call and a few arithmetic operations per mapped signal.
+constructor (which frame ids matter, the raw decoders of :mod:`agent.can.codec`, which signals
+feed which VSS path and how to convert them), so the per-frame path is a dict lookup, a length
+check, shifts and masks and a few arithmetic operations per mapped signal. A built decoder holds
+no cantools object and pickles: the daemon gets it from a start-up process that loaded the DBCs.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import can
-from cantools.database.can import Message, Signal
-
-from agent.can.dbc import EXTENDED_KEY, VehicleDatabase, frame_key
+from agent.can.codec import RawDecoder, SignalLayout
+from agent.can.keys import EXTENDED_KEY, frame_key
 from agent.errors import ConfigError
 from agent.signals.model import INVALID, VALID, Mapping, SignalSpec
+
+if TYPE_CHECKING:   # the daemon's decoder comes pickled: it must not import cantools
+    import can
+    from cantools.database.can import Message, Signal
+
+    from agent.can.dbc import VehicleDatabase
 
 #: A converter turns a raw signal value into (published value, quality).
 Converter = Callable[[Any], "tuple[Any, str]"]
@@ -206,8 +210,8 @@ class Decoder:
                 return _NO_UPDATES
             payload = bytes(data)   # also a private copy: the source may reuse its buffer
             try:
-                raw = plan.steps[0][1](payload, False, False)
-            except Exception:  # noqa: BLE001 - cantools' decode errors vary; a bad frame is skipped
+                raw = plan.steps[0][1](payload)
+            except ValueError:      # shorter than the DBC says (a CAN FD size in between)
                 counters.undecodable += 1
                 return _NO_UPDATES
             counters.decoded += 1
@@ -223,8 +227,8 @@ class Decoder:
         try:
             for guard, decode in plan.steps:
                 if _holds(guard, raw):
-                    raw.update(decode(payload, False, False))
-        except Exception:  # noqa: BLE001
+                    raw.update(decode(payload))
+        except ValueError:
             counters.undecodable += 1
             return _NO_UPDATES
         for name, pages in plan.pages:
@@ -339,28 +343,17 @@ def _bind(message: Message, plan: _Plan, wanted: dict[str, Signal], source: Any)
     for signal in wanted.values():
         groups.setdefault(_chain(message, signal, {}), []).append(signal)
     for guard in sorted(groups, key=len):
-        flat = Message(frame_id=message.frame_id, name=message.name, length=message.length,
-                       signals=[_unpaged(s) for s in groups[guard]],
-                       is_extended_frame=message.is_extended_frame, is_fd=message.is_fd,
-                       strict=False)
         try:
-            flat.decode_simple(bytes(message.length), False, False)
-        except Exception as exc:  # noqa: BLE001 - cantools' errors vary
+            flat = RawDecoder([SignalLayout.of(s) for s in groups[guard]], message.length)
+            flat(bytes(message.length))
+        except ValueError as exc:
             names = ", ".join(s.name for s in groups[guard])
             raise ConfigError(f"{where}message {message.name}: signals {names} cannot be "
                               f"decoded: {_one_line(exc)}") from None
-        plan.steps.append((guard, flat.decode_simple))
+        plan.steps.append((guard, flat))
     muxes = [s for s in wanted.values() if s.is_multiplexer]
     plan.plain = not muxes
     plan.pages = tuple((mux.name, _pages(message, mux)) for mux in muxes)
-
-
-def _unpaged(signal: Signal) -> Signal:
-    flat = copy.copy(signal)
-    flat.is_multiplexer = False
-    flat.multiplexer_ids = None
-    flat.multiplexer_signal = None
-    return flat
 
 
 def _pages(message: Message, mux: Signal) -> frozenset[int]:
@@ -483,15 +476,7 @@ def _converter(spec: SignalSpec, signal: Signal, where: str) -> Converter:
             for raw in raws:
                 table[raw] = published
 
-        def convert_choice(raw: Any) -> tuple[Any, str]:
-            if raw in invalid:
-                return None, INVALID
-            published = table.get(raw, _NOT_FOUND)
-            if published is _NOT_FOUND:
-                return None, INVALID
-            return published, VALID
-
-        return convert_choice
+        return ChoiceConverter(invalid, table)
 
     factor = signal.scale
     base = signal.offset
@@ -509,23 +494,58 @@ def _converter(spec: SignalSpec, signal: Signal, where: str) -> Converter:
         decimals = None
     else:
         decimals = _decimals_for(factor * scale)
-    as_int = decimals == 0
     # Tolerance for float noise at the range edges (raw 250 * 0.4 = 100.00000000000001).
-    slack = abs(factor) * 1e-6
+    return NumberConverter(invalid, factor, base, lo, hi, abs(factor) * 1e-6, scale, offset,
+                           decimals)
 
-    def convert_number(raw: Any) -> tuple[Any, str]:
-        if raw in invalid:
+
+class ChoiceConverter:
+    """A raw value through the mapping's ``values`` table; anything else is invalid."""
+
+    __slots__ = ("invalid", "table")
+
+    def __init__(self, invalid: frozenset, table: dict) -> None:
+        self.invalid = invalid
+        self.table = table
+
+    def __call__(self, raw: Any) -> tuple[Any, str]:
+        if raw in self.invalid:
             return None, INVALID
-        physical = raw * factor + base
-        if physical != physical or physical < lo - slack or physical > hi + slack:
-            return None, INVALID  # NaN, or outside the DBC's declared range
-        published = physical * scale + offset
-        if published in (math.inf, -math.inf):
+        published = self.table.get(raw, _NOT_FOUND)
+        if published is _NOT_FOUND:
             return None, INVALID
-        if as_int:
-            return int(round(published)), VALID
-        if decimals is not None:
-            return round(published, decimals), VALID
         return published, VALID
 
-    return convert_number
+
+class NumberConverter:
+    """A raw value scaled by the DBC, range-checked, then by the mapping, and rounded."""
+
+    __slots__ = ("invalid", "factor", "base", "lo", "hi", "scale", "offset", "decimals",
+                 "as_int")
+
+    def __init__(self, invalid: frozenset, factor: float, base: float, lo: float, hi: float,
+                 slack: float, scale: float, offset: float, decimals: int | None) -> None:
+        self.invalid = invalid
+        self.factor = factor
+        self.base = base
+        self.lo = lo - slack
+        self.hi = hi + slack
+        self.scale = scale
+        self.offset = offset
+        self.decimals = decimals
+        self.as_int = decimals == 0
+
+    def __call__(self, raw: Any) -> tuple[Any, str]:
+        if raw in self.invalid:
+            return None, INVALID
+        physical = raw * self.factor + self.base
+        if physical != physical or physical < self.lo or physical > self.hi:
+            return None, INVALID  # NaN, or outside the DBC's declared range
+        published = physical * self.scale + self.offset
+        if published in (math.inf, -math.inf):
+            return None, INVALID
+        if self.as_int:
+            return int(round(published)), VALID
+        if self.decimals is not None:
+            return round(published, self.decimals), VALID
+        return published, VALID

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import can
 
-from agent.can.dbc import frame_key
+from agent.can.keys import frame_key
 from agent.can.source import Timeline
 from agent.signals.decoder import Decoder
 from agent.signals.model import STALE, Change

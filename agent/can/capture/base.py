@@ -8,6 +8,8 @@ from typing import IO, Iterator
 
 import can
 
+from agent.can.keys import EXTENDED_KEY
+
 #: How many malformed line numbers a reader remembers to show the user.
 FIRST_MALFORMED = 5
 #: Longest text line read whole (a CAN FD frame in ASC is ~400 characters); a longer one is
@@ -18,7 +20,6 @@ _FORMAT_NAMES = {"candump": "candump -L", "asc": "Vector ASC", "blf": "Vector BL
                  "trc": "PEAK TRC"}
 LINE_ENDS = ("\n", "\r")
 HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
-EXTENDED_KEY = 0x80000000     # frame key = id | EXTENDED_KEY for 29-bit ids, as agent.can.dbc
 
 
 def read_line(readline, limit: int = MAX_LINE) -> str | None:
