@@ -382,12 +382,14 @@ def guest_bus_cpu(out: Path) -> None:
         time.sleep(seconds * 0.6)
         a1, c1, t1 = _cpu_s(agent.pid), _cpu_s(candump.pid), time.monotonic()
         replay.wait(120)
+        _, peak_kib = _rss_kib(agent.pid)   # the daemon as a car runs it: live socketcan
         for p in (agent, candump):
             p.terminate()
             p.wait(30)
         wall = t1 - t0
         out.write_text(json.dumps({"bus_cpu_pct": round(100 * (a1 - a0) / wall, 1),
-                                   "candump_cpu_pct": round(100 * (c1 - c0) / wall, 1)}))
+                                   "candump_cpu_pct": round(100 * (c1 - c0) / wall, 1),
+                                   "bus_peak_rss_mib": round(peak_kib / 1024, 1)}))
     finally:
         rig.close()
 
