@@ -132,7 +132,7 @@ class _Binding:
         try:
             self.lib = lib = ctypes.CDLL(path)
         except OSError as exc:
-            raise _Unusable(f"cannot load {path}: {exc}") from None
+            raise _Unusable(f"cannot load {exc}") from None   # the loader's text names it
         self.path = path
         self._bind(lib, _FUNCTIONS[:1])
         number = self.OpenSSL_version_num()
