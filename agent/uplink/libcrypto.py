@@ -233,7 +233,7 @@ class LibcryptoKey(SigningKey):
     """An EC P-256 or Ed25519 private key held by libcrypto (an ``EVP_PKEY``, freed with this
     object)."""
 
-    __slots__ = ("alg", "_lib", "_pkey", "_jwk", "__weakref__")
+    __slots__ = ("alg", "_lib", "_pkey", "_md", "_jwk", "__weakref__")
     backend = "libcrypto"
 
     def __init__(self, lib: _Binding, pkey: int, alg: str) -> None:
@@ -242,6 +242,8 @@ class LibcryptoKey(SigningKey):
         self._lib = lib
         self._pkey = pkey
         self.alg = alg
+        # Ed25519 signs the message itself (RFC 8032: no digest); ES256 hashes with SHA-256.
+        self._md = None if alg == "EdDSA" else lib.sha256
         if alg == "EdDSA":
             raw = ctypes.create_string_buffer(ED25519_SIZE)
             size = c_size_t(ED25519_SIZE)
@@ -262,14 +264,12 @@ class LibcryptoKey(SigningKey):
         signature = ctypes.create_string_buffer(_MAX_SIG)
         size = c_size_t(_MAX_SIG)
         try:
-            # Ed25519 is one-shot with no digest (RFC 8032); ES256 hashes with SHA-256.
-            md = None if self.alg == "EdDSA" else lib.sha256
-            ok = (lib.EVP_DigestSignInit(ctx, None, md, None, self._pkey) == 1
+            ok = (lib.EVP_DigestSignInit(ctx, None, self._md, None, self._pkey) == 1
                   and lib.EVP_DigestSign(ctx, signature, byref(size), data, len(data)) == 1)
         finally:
             lib.EVP_MD_CTX_free(ctx)
         _check(lib, ok, "EVP_DigestSign")
-        if self.alg == "EdDSA":
+        if self._md is None:
             return signature.raw[:size.value]
         return _der_to_raw(signature.raw[:size.value])
 
