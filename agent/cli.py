@@ -214,6 +214,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             check_private_key_file(path, what)
         except KeyFileError as exc:
             print(f"warning: `run` will refuse this: {exc}", file=sys.stderr)
+    if config.signing:
+        from agent.uplink import libcrypto
+        print(f"  signing with: {libcrypto.describe()}")
     if config.mqtt is None:
         print("  uplink: none (mqtt: missing; `decode` still works)")
     else:

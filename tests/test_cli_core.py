@@ -47,6 +47,8 @@ def test_check_config_demo_is_ok():
     assert "19 VSS signals from 4 frame id(s):" in out[2]
     assert any("Cluster (stale after 0.3 s): Vehicle.Powertrain.FuelSystem.RelativeLevel" in line
                for line in out)
+    # The daemon signs through the libcrypto that TLS loaded, not the cryptography package.
+    assert any(line.startswith("  signing with: libcrypto (OpenSSL ") for line in out)
 
 
 @pytest.mark.parametrize("text,words", [

@@ -23,7 +23,7 @@ from agent.cloud.watch import CloudWatcher, format_human, watch_main
 from agent.uplink.tlsdiag import describe_tls_alert
 from agent.errors import ConfigError, KeyFileError, UserError
 from agent.dev.pki import init_pki, issue_client_cert
-from agent.uplink.signing import Signer, Verifier, b64url_decode, b64url_encode, public_jwk
+from agent.uplink.signing import Signer, Verifier, b64url_decode, b64url_encode
 from agent.dev.broker import free_port
 from support.waiting import wait_for
 
@@ -442,10 +442,10 @@ def test_missing_claims_and_inferred_kind(checker, signer) -> None:
 def test_eddsa_and_key_without_vid(tmp_path: Path, signer) -> None:
     ed = Signer(ed25519.Ed25519PrivateKey.generate())
     jwks = tmp_path / "jwks.json"
-    jwks.write_text(json.dumps({"keys": [public_jwk(ed._key.public_key())]}))
+    jwks.write_text(json.dumps({"keys": [ed.public_jwk]}))
     with pytest.raises(ConfigError, match="bound to no vehicle"):   # fail closed (issue 13.7)
         Verifier.from_jwks_file(jwks)
-    jwks.write_text(json.dumps({"keys": [{**public_jwk(ed._key.public_key()), "vid": "ANY-VIN"}]}))
+    jwks.write_text(json.dumps({"keys": [{**ed.public_jwk, "vid": "ANY-VIN"}]}))
     checker = MessageChecker(Verifier.from_jwks_file(jwks), "fleet/eu")
     record = checker.check("fleet/eu/ANY-VIN/events", ed.sign(make_claims(1, vid="ANY-VIN")).encode())
     assert record["verified"] and record["alg"] == "EdDSA" and record["vid"] == "ANY-VIN"

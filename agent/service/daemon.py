@@ -25,7 +25,7 @@ from agent.uplink.keyfiles import FileWatcher, certificate_expiry_warning, check
 from agent.uplink.outbox import open_outbox
 from agent.signals.policy import Outgoing, PublishPolicy
 from agent.service.sdnotify import Notifier
-from agent.uplink.signing import Signer
+from agent.uplink.jws import Signer
 from agent.can.source import FrameSource, open_source
 from agent.signals.state import SignalPipeline
 from agent.uplink.mqtt import Uplink, certificate_expiry
@@ -190,8 +190,9 @@ class Agent:
             raise
         self.envelopes.boot = self.outbox.count_boot()
         log.info("car-agent: vehicle %s, boot %d, %d signals from %d frame id(s), outbox %s "
-                 "(%d queued)", config.vehicle_id, self.outbox.boot, len(self.decoder.paths),
-                 len(self.decoder.frame_keys), config.store.path, len(self.outbox))
+                 "(%d queued), signing %s kid %s (%s)", config.vehicle_id, self.outbox.boot,
+                 len(self.decoder.paths), len(self.decoder.frame_keys), config.store.path,
+                 len(self.outbox), self.signer.alg, self.signer.kid, self.signer.backend)
         self.uplink.start()
         self._check_certificate()
         # Ready once the bus is open and the uplink runs; not waiting for the broker: a car

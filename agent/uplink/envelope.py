@@ -19,7 +19,7 @@ import time
 from typing import Callable
 
 from agent.signals.model import VALID
-from agent.uplink.signing import Signer
+from agent.uplink.jws import Signer
 from agent.signals.state import VehicleState
 
 PayloadFactory = Callable[[int], bytes]

@@ -27,7 +27,8 @@ from typing import Iterable
 from agent.errors import KeyFileError
 from agent.schema import CREDENTIALS_PREFIX, CREDENTIALS_VARIABLE
 
-__all__ = ["check_private_key_file", "certificate_expiry_warning", "FileWatcher"]
+__all__ = ["check_private_key_file", "certificate_expiry_warning", "certificate_validity",
+           "FileWatcher"]
 
 
 
@@ -146,20 +147,16 @@ def certificate_expiry_warning(cert_path: Path, warn_days: int,
     Also warns about a certificate that cannot be read or is not valid yet (the car's clock is
     wrong, or the certificate was issued in the future).
     """
-    from cryptography import x509   # here: config loading imports this module, keep that light
-
     cert_path = Path(cert_path)
     if now is None:
         now = dt.datetime.now(dt.timezone.utc)
     elif now.tzinfo is None:
         now = now.replace(tzinfo=dt.timezone.utc)
     try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        not_before, not_after = certificate_validity(cert_path)
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return f"client certificate {cert_path} cannot be read: {reason}"
-    not_after = cert.not_valid_after_utc
-    not_before = cert.not_valid_before_utc
     if not_after <= now:
         return f"client certificate {cert_path} EXPIRED on {_when(not_after)}"
     if not_before > now:
@@ -171,6 +168,23 @@ def certificate_expiry_warning(cert_path: Path, warn_days: int,
         return (f"client certificate {cert_path} expires in {days} day{'' if days == 1 else 's'} "
                 f"({_when(not_after)})")
     return None
+
+
+def certificate_validity(cert_path: Path) -> tuple[dt.datetime, dt.datetime]:
+    """(notBefore, notAfter), UTC, of the PEM certificate in ``cert_path``: read by the
+    libcrypto that signs (no cryptography package on the car), else by cryptography.
+
+    :raises OSError: the file cannot be read. :raises ValueError: it holds no certificate.
+    """
+    # Imported here: config loading imports this module, keep that light.
+    from agent.uplink import libcrypto
+
+    data = Path(cert_path).read_bytes()
+    if libcrypto.binding() is not None:
+        return libcrypto.certificate_validity(data)
+    from cryptography import x509
+    cert = x509.load_pem_x509_certificate(data)
+    return cert.not_valid_before_utc, cert.not_valid_after_utc
 
 
 def _when(moment: dt.datetime) -> str:

@@ -30,14 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from cryptography import x509
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import CmdConfig, MqttConfig
 from agent.errors import KeyFileError
-from agent.uplink.keyfiles import FileWatcher, check_private_key_file
+from agent.uplink.keyfiles import FileWatcher, certificate_validity, check_private_key_file
 from agent.uplink.outbox import Entry, Outbox
 from agent.uplink.requests import SnapshotRequests
 from agent.uplink.tlsdiag import ClosingSSLSocket, describe_connect_error, describe_tls_alert, probe_tls12
@@ -92,10 +91,9 @@ def publish_packet_size(topic: str, payload: bytes, correlation: bytes | None = 
 
 def certificate_expiry(path: Path) -> dt.datetime | None:
     try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        return certificate_validity(path)[1]
     except (OSError, ValueError):
         return None
-    return cert.not_valid_after_utc
 
 
 @dataclass

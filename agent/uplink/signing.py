@@ -10,6 +10,11 @@ connection that carried it. Only two algorithms are supported, deliberately:
 Keys are published to verifiers as an RFC 7517 JWK Set; each key is identified by its
 RFC 7638 thumbprint (``kid``), so a key id cannot silently refer to a different key.
 
+The car signs through :mod:`agent.uplink.jws` (:class:`Signer`, re-exported here), which does
+not need this module when libcrypto signs; this module holds what needs the cryptography
+package: loading keys as cryptography objects (the cloud, the dev PKI, the fallback signer),
+JWK Sets and the verifier.
+
 The verifier is strict on purpose: it never guesses an algorithm (``alg`` must match the
 key it names), rejects ``none``, rejects duplicate JSON members and non-standard JSON
 constants, and only parses the payload after the signature has been checked.
@@ -19,10 +24,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Union
@@ -39,9 +42,24 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from agent.config import vehicle_id_problem
 from agent.errors import ConfigError, KeyFileError
-from agent.uplink.keyfiles import read_key_material
+from agent.uplink.jws import (
+    ED25519_SIZE as _ED25519_SIZE,
+    P256_SIZE as _P256_SIZE,
+    SIG_SIZE as _SIG_SIZE,
+    Signer,
+    SigningKey,
+    b64url_decode,
+    b64url_encode,
+    invalid_key,
+    encrypted_key,
+    jwk_thumbprint,
+    key_jwk,
+    read_private_key_pem,
+    unsupported_key,
+)
 
 __all__ = [
+    "CryptographyKey",
     "DOCUMENT_SIGNING",
     "PrivateKey",
     "PublicKey",
@@ -65,50 +83,8 @@ SUPPORTED_ALGS = frozenset({"ES256", "EdDSA"})
 #: (``x5c``). Unlike clientAuth/serverAuth it does not let the certificate do TLS.
 DOCUMENT_SIGNING = x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36")
 
-# P-256 coordinates, scalars and Ed25519 public keys are all 32 bytes.
-_P256_SIZE = 32
-_ED25519_SIZE = 32
-_SIG_SIZE = 64
-
-# RFC 7638 section 3.2: the members that define each key type, nothing else.
-_THUMBPRINT_MEMBERS: dict[str, tuple[str, ...]] = {
-    "EC": ("crv", "kty", "x", "y"),
-    "OKP": ("crv", "kty", "x"),
-    "RSA": ("e", "kty", "n"),
-    "oct": ("k", "kty"),
-}
-
-_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 # Members that would turn a public JWK into a private one (RFC 7518 section 6).
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "k", "oth")
-
-
-# --------------------------------------------------------------------------- base64url
-
-
-def b64url_encode(data: bytes) -> str:
-    """Base64url without padding (RFC 7515 section 2), as JWS requires."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    """Strict inverse of :func:`b64url_encode`.
-
-    Rejects padding, characters outside the base64url alphabet (the standard library
-    would silently drop or accept ``+``/``/``) and non-canonical trailing bits, so that
-    each byte string has exactly one accepted encoding.
-
-    :raises ValueError: if ``text`` is not canonical unpadded base64url.
-    """
-    if not _B64URL_RE.fullmatch(text) or len(text) % 4 == 1:
-        raise ValueError("not base64url")
-    try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:  # pragma: no cover - regex already guards
-        raise ValueError("not base64url") from exc
-    if b64url_encode(data) != text:
-        raise ValueError("non-canonical base64url")
-    return data
 
 
 # --------------------------------------------------------------------------- keys
@@ -150,50 +126,16 @@ def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
     :raises KeyFileError: ``"<path>: <what is wrong>"`` for a missing or unreadable
         file, data that is not a PEM private key, or an unsupported key type.
     """
-    data = read_key_material(Path(path), "a PEM private key file")
-    if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data:
-        raise KeyFileError(f"{path}: key is encrypted; an unencrypted PKCS#8 PEM key is required")
-    if b"-----BEGIN" not in data:
-        raise KeyFileError(f"{path}: not a PEM file (no '-----BEGIN' line)")
+    data = read_private_key_pem(path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise KeyFileError(f"{path}: key is encrypted; an unencrypted PKCS#8 PEM key is required") from None
+        raise encrypted_key(path) from None
     except (ValueError, UnsupportedAlgorithm):
-        raise KeyFileError(f"{path}: not a valid PEM private key") from None
+        raise invalid_key(path) from None
     if _is_p256(key) or isinstance(key, ed25519.Ed25519PrivateKey):
         return key  # type: ignore[return-value]
-    raise KeyFileError(
-        f"{path}: unsupported key type {_describe_key(key)}; expected EC P-256 or Ed25519"
-    )
-
-
-def jwk_thumbprint(jwk: dict[str, Any]) -> str:
-    """RFC 7638 JWK thumbprint (SHA-256, base64url), used as the key id.
-
-    Only the members that define the key are hashed, in lexicographic order with no
-    whitespace, so the id is stable whatever else (``kid``, ``use``, ``vid``...) the JWK
-    carries. RSA and ``oct`` are accepted here, although we never sign with them, so the
-    function can be checked against the RFC's own example.
-
-    :raises ValueError: unknown ``kty`` or a required member missing / not a string.
-    """
-    kty = jwk.get("kty")
-    if not isinstance(kty, str):
-        raise ValueError("missing 'kty'" if kty is None else "'kty' must be a string")
-    members = _THUMBPRINT_MEMBERS.get(kty)
-    if members is None:
-        raise ValueError(f"unsupported kty {kty!r}")
-    required: dict[str, str] = {}
-    for name in members:
-        value = jwk.get(name)
-        if value is None:
-            raise ValueError(f"missing {name!r}")
-        if not isinstance(value, str):
-            raise ValueError(f"{name!r} must be a string")
-        required[name] = value
-    canonical = json.dumps(required, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return b64url_encode(hashlib.sha256(canonical.encode("utf-8")).digest())
+    raise KeyFileError(f"{path}: {unsupported_key(_describe_key(key))}")
 
 
 def _alg_for(key: object) -> str:
@@ -201,36 +143,45 @@ def _alg_for(key: object) -> str:
         return "ES256"
     if isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
         return "EdDSA"
-    raise TypeError(f"unsupported key type {_describe_key(key)}; expected EC P-256 or Ed25519")
+    raise TypeError(unsupported_key(_describe_key(key)))
 
 
 def public_jwk(public_key: PublicKey) -> dict[str, str]:
     """RFC 7517 JWK for a P-256 or Ed25519 public key, with ``kid``, ``alg`` and ``use``.
 
-    ``alg`` is included so a verifier pins the key to one algorithm (no algorithm
-    confusion); ``kid`` is the RFC 7638 thumbprint.
-
     :raises TypeError: for any other key type (a programming error, not user input).
     """
     alg = _alg_for(public_key)
-    jwk: dict[str, str]
     if alg == "ES256":
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
         numbers = public_key.public_numbers()
-        jwk = {
-            "kty": "EC",
-            "crv": "P-256",
-            "x": b64url_encode(numbers.x.to_bytes(_P256_SIZE, "big")),
-            "y": b64url_encode(numbers.y.to_bytes(_P256_SIZE, "big")),
-        }
-    else:
-        assert isinstance(public_key, ed25519.Ed25519PublicKey)
-        raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(raw)}
-    jwk["kid"] = jwk_thumbprint(jwk)
-    jwk["alg"] = alg
-    jwk["use"] = "sig"
-    return jwk
+        return key_jwk(alg, numbers.x.to_bytes(_P256_SIZE, "big"),
+                       numbers.y.to_bytes(_P256_SIZE, "big"))
+    assert isinstance(public_key, ed25519.Ed25519PublicKey)
+    return key_jwk(alg, public_key.public_bytes_raw())
+
+
+class CryptographyKey(SigningKey):
+    """A cryptography P-256 or Ed25519 private key as a :class:`SigningKey`: the fallback
+    where libcrypto is not usable, and what ``Signer(key)`` wraps a cryptography key in."""
+
+    __slots__ = ("key", "alg")
+    backend = "cryptography"
+
+    def __init__(self, key: PrivateKey) -> None:
+        self.key = key
+        self.alg = _alg_for(key)     # TypeError for any other key type
+
+    def public_jwk(self) -> dict[str, str]:
+        return public_jwk(self.key.public_key())
+
+    def sign(self, data: bytes) -> bytes:
+        key = self.key
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            return key.sign(data)
+        # cryptography returns DER; JWS wants fixed-width r || s (RFC 7518 3.4).
+        r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+        return r.to_bytes(_P256_SIZE, "big") + s.to_bytes(_P256_SIZE, "big")
 
 
 def write_jwks(path: str | os.PathLike[str], jwks: list[dict[str, Any]]) -> None:
@@ -260,87 +211,6 @@ def replace_public_file(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-
-
-# --------------------------------------------------------------------------- signing
-
-
-class Signer:
-    """Signs claims as JWS compact tokens with one private key.
-
-    Created once at start-up; everything that does not depend on the claims (algorithm,
-    key id, encoded protected header) is computed here so :meth:`sign` does only the
-    serialization and the signature. Attributes are read-only.
-    """
-
-    __slots__ = ("_key", "_alg", "_kid", "_jwk", "_prefix")
-
-    _key: PrivateKey
-    _alg: str
-    _kid: str
-    _jwk: dict[str, str]
-    _prefix: bytes
-
-    def __init__(self, private_key: PrivateKey) -> None:
-        alg = _alg_for(private_key)
-        jwk = public_jwk(private_key.public_key())
-        header = json.dumps(
-            {"alg": alg, "kid": jwk["kid"], "typ": "JWT"}, separators=(",", ":")
-        ).encode("ascii")
-        set_ = object.__setattr__
-        set_(self, "_key", private_key)
-        set_(self, "_alg", alg)
-        set_(self, "_kid", jwk["kid"])
-        set_(self, "_jwk", jwk)
-        set_(self, "_prefix", b64url_encode(header).encode("ascii") + b".")
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> Signer:
-        """Signer for the key in ``path`` (see :func:`load_private_key` for errors)."""
-        return cls(load_private_key(path))
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def __repr__(self) -> str:
-        return f"Signer(alg={self._alg!r}, kid={self._kid!r})"
-
-    @property
-    def alg(self) -> str:
-        """JWS algorithm: ``"ES256"`` or ``"EdDSA"``."""
-        return self._alg
-
-    @property
-    def kid(self) -> str:
-        """RFC 7638 thumbprint of the public key, sent in every header."""
-        return self._kid
-
-    @property
-    def public_jwk(self) -> dict[str, str]:
-        """The public JWK (a copy, so callers can add members such as ``vid``)."""
-        return dict(self._jwk)
-
-    def sign(self, claims: dict[str, Any]) -> str:
-        """Return ``b64url(header).b64url(payload).b64url(signature)``.
-
-        The payload is canonical JSON (sorted keys, no whitespace, UTF-8) so the same
-        claims always produce the same payload bytes.
-
-        :raises ValueError: if a claim holds NaN or an infinity (not JSON).
-        """
-        # allow_nan=False: NaN/Infinity are not JSON; a verifier would reject the message.
-        payload = json.dumps(
-            claims, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode()
-        signing_input = self._prefix + b64url_encode(payload).encode("ascii")
-        key = self._key
-        if isinstance(key, ed25519.Ed25519PrivateKey):
-            signature = key.sign(signing_input)
-        else:
-            # cryptography returns DER; JWS wants fixed-width r || s (RFC 7518 3.4).
-            r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
-            signature = r.to_bytes(_P256_SIZE, "big") + s.to_bytes(_P256_SIZE, "big")
-        return (signing_input + b"." + b64url_encode(signature).encode("ascii")).decode("ascii")
 
 
 # --------------------------------------------------------------------------- verification
