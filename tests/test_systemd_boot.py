@@ -631,6 +631,9 @@ def test_signed_messages_reached_the_broker(guest):
     decoded = [int(m) for m in re.findall(r"stats: \d+ frames/s; \d+ frames, (\d+) decoded",
                                            "\n".join(agent))]
     assert decoded and max(decoded) > 0, agent
+    # Under MemoryDenyWriteExecute= and the syscall filter: the DBC files were loaded in the
+    # start-up child (the decoder above is its), and the signing went through libcrypto.
+    assert any(re.search(r"signing (ES256|EdDSA) kid \S+ \(libcrypto\b", m) for m in agent), agent
 
 
 def test_watchdog_kills_the_frozen_agent_and_systemd_restarts_it(guest):
