@@ -257,3 +257,178 @@ def test_fast_path_agrees_on_line_soups(tmp_path_factory, data, kind, ending, ch
     path.write_bytes(_soup(lines, ending))
     plain, fast = both_paths(path, kind, channel)
     assert fast == plain
+
+
+# --- the block scan of candump files (runs of plain unwanted lines found by one regex) -------
+
+def busy_lines(start: float, count: int, step: float = 0.000111, seed: int = 5,
+               shuffle: bool = False) -> list[str]:
+    """Unrelated traffic (the ids of a busy bus, none mapped), with the body frame (one
+    payload, repeated) every 100th line; timestamps shuffled within each 10 ms if asked."""
+    import random
+    rnd = random.Random(seed)
+    times = [start + n * step for n in range(count)]
+    if shuffle:
+        window = int(0.01 / step)
+        for at in range(0, count, window):
+            part = times[at:at + window]
+            rnd.shuffle(part)
+            times[at:at + window] = part
+    body = body_payload().hex().upper()
+    out = []
+    for n, t in enumerate(times):
+        if n % 100 == 50:
+            out.append(line(t, f"{BODY_ID:03X}", body))
+        else:
+            ident = rnd.choice(("123", "7FF", "000", "1FFFFFFF", "00000123", "5A1", "2B1"))
+            out.append(line(t, ident, bytes(rnd.randrange(256) for _ in
+                                            range(rnd.randrange(9))).hex().upper()))
+    return out
+
+
+# Lines that end a run of plain unwanted lines; each is read by the full parser.
+RUN_BREAKERS = [
+    line(0, "2b0", body_payload().hex()),               # a mapped id in lower case
+    line(0, "2B0", body_payload().hex().lower()),       # ... with lower-case data
+    line(0, "18ff50E5", "0000AC4164000000"),           # the mapped 29-bit id, mixed case
+    line(0, "20000004", "0000000000000000"),           # error frame
+    line(0, "123", "R"),                                # remote, unmapped
+    line(0, f"{BODY_ID:03X}", "R8"),                    # remote, mapped
+    line(0, "123", "#1" + "00" * 12),                   # CAN FD
+    line(0, "800", "00"),                               # 11-bit id out of range
+    line(0, "40000000", "00"),                          # beyond 29 bits
+    line(0, "123", "001"),                              # odd number of digits
+    line(0, "123", "00" * 9),                           # 9 bytes on classic CAN
+    line(0, "123", "00GG"),
+    line(0, "12", "00"),
+    line(0, "123", "00", chan="can1"),                  # another channel
+    line(0, "123", "00", chan="c(a)n0"),                # parentheses in the channel
+    line(0, "123", "00") + " T",                        # four fields
+    line(0, "123", "00").replace(" ", "  ", 1),         # two spaces
+    line(0, "123", "00").replace(" ", "\t", 1),         # a tab
+    "\t" + line(0, "123", "00") + " ",                  # surrounding blanks
+    "(0) can0 123#00",                                  # no decimals
+    "(" + "0" * 30 + "0.000000) can0 123#00",          # more digits than a run reads
+    "(0.000000" + "0" * 30 + ") can0 123#00",
+    "(1.5) can0 123#00#",
+    "",
+    "# a comment",
+    "x" * 1024,                                         # the longest line read
+    "x" * 1025,                                         # too long
+    "(1.5) can0 123#00\x0b",                           # vertical tab: a blank to split()
+    "(1.5) can0 123#00\x1c",                           # file separator: a blank as well
+]
+
+
+def stamped(text: str, t: float) -> str:
+    """A RUN_BREAKERS line with timestamp t (written as it was: "(0)" -> "(1700000000)")."""
+    if text.startswith("(0)"):
+        return f"({t:.0f}){text[3:]}"
+    return text.replace("0.000000", f"{t:.6f}", 1)
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+@pytest.mark.parametrize("channel", [None, "can0"])
+def test_lines_that_break_runs_amid_blocks_are_read_as_by_the_plain_path(tmp_path, ending,
+                                                                          channel):
+    """Every kind of odd line in the middle of long runs of plain ones, over many blocks (lines
+    split across blocks): same changes, counts and malformed-line reports, at the right line
+    numbers."""
+    lines = busy_lines(1700000000.0, 40_000)
+    at = {}
+    for k, odd in enumerate(RUN_BREAKERS):
+        where = 700 + k * 1301              # in the middle of runs, across many blocks
+        at[where] = odd
+        lines.insert(where, stamped(odd, 1700000000.0 + where * 0.000111))
+    capture = tmp_path / "breakers.log"
+    capture.write_text(ending.join(lines) + ending, newline="")
+    plain, fast = both_paths(capture, "candump", channel)
+    assert fast == plain
+    changes, counters, (malformed, first, other, frames, error) = fast
+    assert error is None and frames == counters["frames"]
+    assert counters["frames"] == sum(v for k, v in counters.items() if k != "frames")
+    assert counters["error_frames"] == 1 and counters["remote_frames"] == 1
+    assert counters["unchanged"] > 390 and counters["decoded"] == 2    # lower-case data: same
+    assert other == (2 if channel else 0)
+    assert malformed == 9       # 800, 40000000, 001, 9 bytes, 00GG, 12, 00#, x * 1024, too long
+    numbers = sorted(at)
+    assert [n for n, _ in first] == [numbers[k] + 1 for k in (7, 8, 9, 10, 11)]
+    assert [why for _, why in first] == ["bad frame id", "bad frame id", "bad data bytes",
+                                         "9 data bytes is not a valid CAN length",
+                                         "bad data bytes"]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_stale_checks_fall_on_the_same_frames_with_timestamps_out_of_order(tmp_path, shuffle):
+    """Body frames stop and come back amid traffic whose timestamps go back and forth within
+    10 ms: the checks (stale changes) are made at the same unmapped frames by both paths."""
+    lines = busy_lines(1700000000.0, 30_000, shuffle=shuffle)
+    # Body frames stop from 1 s to 2.5 s: their signals go stale in the gap.
+    lines = [text for n, text in enumerate(lines)
+             if not (9000 < n < 22500 and f" {BODY_ID:03X}#" in text)]
+    capture = tmp_path / "shuffled.log"
+    capture.write_text("\n".join(lines) + "\n")
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    stale = [c for c in fast[0] if c[3] == STALE and c[1] in BODY_PATHS]
+    assert sorted(path for _, path, _, _ in stale) == sorted(BODY_PATHS)
+    assert all(1700000001.0 < t < 1700000002.5 for t, *_ in stale)
+
+
+@pytest.mark.parametrize("decimals", [0, 1, 2, 3, 6, 9])
+def test_timestamps_of_any_precision_and_width(tmp_path, decimals):
+    """Timestamps with 0 to 9 decimals, their integer part growing a digit (9.99 -> 10.0 ->
+    ... 100.0): the same checks and changes as the plain path."""
+    body = body_payload().hex().upper()
+    lines = []
+    for n in range(60_000):
+        t = 9.5 + n * 0.0017
+        if n % 400 == 0 and not 2000 < n < 5000:
+            lines.append(f"({t:.{decimals}f}) can0 {BODY_ID:03X}#{body}")
+        lines.append(f"({t:.{decimals}f}) can0 123#0011")
+    capture = tmp_path / "precision.log"
+    capture.write_text("\n".join(lines) + "\n")
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    assert any(c[3] == STALE for c in fast[0]) and fast[1]["unmapped"] == 60_000
+
+
+def test_carriage_return_and_newline_split_across_blocks(tmp_path):
+    """"\\r\\n" whose "\\r" ends one block and "\\n" starts the next is one line end."""
+    from agent.can.capture import candump
+
+    head = "#\r\n" * ((candump._BLOCK - 4) // 3) + "###\r\n"
+    assert head.index("\r", candump._BLOCK - 4) == candump._BLOCK - 1   # a block's last char
+    lines = [line(1.0 + n * 0.001, "123", "00") for n in range(3000)]
+    lines[1000] = line(2.0, "800", "00")
+    capture = tmp_path / "split-crlf.log"
+    capture.write_text(head + "\r\n".join(lines) + "\r\n", newline="")
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    assert fast[2][1] == [(head.count("\n") + 1000 + 1, "bad frame id")]
+    assert fast[1]["unmapped"] == 2999
+
+
+def test_only_the_lines_that_break_runs_are_parsed(tmp_path, monkeypatch):
+    """The point of the block scan: a line of an unwanted id, written as candump writes it,
+    is never parsed on its own; wanted ids and odd lines are (each once)."""
+    from agent.can.capture import candump
+
+    parsed = []
+    real = candump.parse_fields
+    monkeypatch.setattr(candump, "parse_fields", lambda parts: parsed.append(parts) or
+                        real(parts))
+    lines = busy_lines(1700000000.0, 20_000)
+    lines.insert(10_001, "(1700000001.1) can0 7FF#")        # no data: plain too
+    lines.insert(10_002, "(1700000001.1) can0 7FF#R")       # remote: parsed
+    capture = tmp_path / "plain.log"
+    capture.write_text("\n".join(lines) + "\n")
+    pipeline = SignalPipeline(demo_decoder())
+    with open_capture(capture) as reader:
+        changes = list(pipeline.run_capture(reader))
+    counters = pipeline.decoder.counters
+    assert changes and counters.frames == 20_002 and counters.unmapped == 19_800 + 2
+    assert counters.decoded == 1 and counters.unchanged == 199 and counters.remote_frames == 0
+    # The body frames that are not repeats (the first; none other here), and the odd line.
+    assert [p[2] for p in parsed] == [f"{BODY_ID:03X}#{body_payload().hex().upper()}",
+                                      "7FF#R"]
