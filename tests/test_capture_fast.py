@@ -51,6 +51,21 @@ def test_simulated_drive_decodes_identically(tmp_path):
     assert any(path.endswith("Window.Position") for _, path, _, _ in changes)   # mux pages
 
 
+def agreed(capture: Path, lines: list[str]):
+    """Writes ``lines`` to ``capture``; the fast path's results, checked equal to the plain's."""
+    capture.write_text("\n".join(lines) + "\n")
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    return fast
+
+
+def body_stale(result) -> list:
+    """The stale changes of the body signals in a result of both_paths; all of them went."""
+    stale = [c for c in result[0] if c[3] == STALE and c[1] in BODY_PATHS]
+    assert sorted(path for _, path, _, _ in stale) == sorted(BODY_PATHS)
+    return stale
+
+
 def line(t: float, ident: str, data: str, chan: str = "can0") -> str:
     return f"({t:.6f}) {chan} {ident}#{data}"
 
@@ -67,12 +82,8 @@ def test_stale_changes_come_at_the_unmapped_frame_that_notices_them(tmp_path):
         if n % 10 == 0 and (n < 100 or n >= 300):       # the same payload each time
             lines.append(line(t, f"{BODY_ID:03X}", body))
         lines.append(line(t + 0.0001, "123", "0011223344556677"))
-    capture = tmp_path / "gap.log"
-    capture.write_text("\n".join(lines) + "\n")
-    plain, fast = both_paths(capture)
-    assert fast == plain
-    stale = [c for c in fast[0] if c[3] == STALE and c[1] in BODY_PATHS]
-    assert sorted(path for _, path, _, _ in stale) == sorted(BODY_PATHS)
+    fast = agreed(tmp_path / "gap.log", lines)
+    stale = body_stale(fast)
     unrelated = {round(1700000000.0 + n * 0.005 + 0.0001, 6) for n in range(400)}
     assert {round(t, 6) for t, *_ in stale} <= unrelated
     last_body = 1700000000.0 + 90 * 0.005
@@ -366,12 +377,7 @@ def test_stale_checks_fall_on_the_same_frames_with_timestamps_out_of_order(tmp_p
     # Body frames stop from 1 s to 2.5 s: their signals go stale in the gap.
     lines = [text for n, text in enumerate(lines)
              if not (9000 < n < 22500 and f" {BODY_ID:03X}#" in text)]
-    capture = tmp_path / "shuffled.log"
-    capture.write_text("\n".join(lines) + "\n")
-    plain, fast = both_paths(capture)
-    assert fast == plain
-    stale = [c for c in fast[0] if c[3] == STALE and c[1] in BODY_PATHS]
-    assert sorted(path for _, path, _, _ in stale) == sorted(BODY_PATHS)
+    stale = body_stale(agreed(tmp_path / "shuffled.log", lines))
     assert all(1700000001.0 < t < 1700000002.5 for t, *_ in stale)
 
 
@@ -386,10 +392,7 @@ def test_timestamps_of_any_precision_and_width(tmp_path, decimals):
         if n % 400 == 0 and not 2000 < n < 5000:
             lines.append(f"({t:.{decimals}f}) can0 {BODY_ID:03X}#{body}")
         lines.append(f"({t:.{decimals}f}) can0 123#0011")
-    capture = tmp_path / "precision.log"
-    capture.write_text("\n".join(lines) + "\n")
-    plain, fast = both_paths(capture)
-    assert fast == plain
+    fast = agreed(tmp_path / "precision.log", lines)
     assert any(c[3] == STALE for c in fast[0]) and fast[1]["unmapped"] == 60_000
 
 
