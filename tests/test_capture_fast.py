@@ -319,6 +319,7 @@ RUN_BREAKERS = [
     line(0, "123", "00").replace(" ", "\t", 1),         # a tab
     "\t" + line(0, "123", "00") + " ",                  # surrounding blanks
     "(0) can0 123#00",                                  # no decimals
+    "(" + "9" * 400 + ".0) can0 123#00",               # overflows to inf
     "(" + "0" * 30 + "0.000000) can0 123#00",          # more digits than a run reads
     "(0.000000" + "0" * 30 + ") can0 123#00",
     "(1.5) can0 123#00#",
@@ -338,13 +339,13 @@ def stamped(text: str, t: float) -> str:
     return text.replace("0.000000", f"{t:.6f}", 1)
 
 
-@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r", "\n and a few \r"])
 @pytest.mark.parametrize("channel", [None, "can0"])
 def test_lines_that_break_runs_amid_blocks_are_read_as_by_the_plain_path(tmp_path, ending,
                                                                           channel):
     """Every kind of odd line in the middle of long runs of plain ones, over many blocks (lines
     split across blocks): same changes, counts and malformed-line reports, at the right line
-    numbers."""
+    numbers. Line ends: any of Python's, or "\\n" with a lone "\\r" now and then."""
     lines = busy_lines(1700000000.0, 40_000)
     at = {}
     for k, odd in enumerate(RUN_BREAKERS):
@@ -352,7 +353,11 @@ def test_lines_that_break_runs_amid_blocks_are_read_as_by_the_plain_path(tmp_pat
         at[where] = odd
         lines.insert(where, stamped(odd, 1700000000.0 + where * 0.000111))
     capture = tmp_path / "breakers.log"
-    capture.write_text(ending.join(lines) + ending, newline="")
+    if len(ending) > 2:
+        capture.write_text("".join(text + ("\r" if n % 9001 == 5000 else "\n")
+                                   for n, text in enumerate(lines)), newline="")
+    else:
+        capture.write_text(ending.join(lines) + ending, newline="")
     plain, fast = both_paths(capture, "candump", channel)
     assert fast == plain
     changes, counters, (malformed, first, other, frames, error) = fast
@@ -361,7 +366,8 @@ def test_lines_that_break_runs_amid_blocks_are_read_as_by_the_plain_path(tmp_pat
     assert counters["error_frames"] == 1 and counters["remote_frames"] == 1
     assert counters["unchanged"] > 390 and counters["decoded"] == 2    # lower-case data: same
     assert other == (2 if channel else 0)
-    assert malformed == 9       # 800, 40000000, 001, 9 bytes, 00GG, 12, 00#, x * 1024, too long
+    # 800, 40000000, 001, 9 bytes, 00GG, 12, inf, 00#, x * 1024, too long
+    assert malformed == 10
     numbers = sorted(at)
     assert [n for n, _ in first] == [numbers[k] + 1 for k in (7, 8, 9, 10, 11)]
     assert [why for _, why in first] == ["bad frame id", "bad frame id", "bad data bytes",
