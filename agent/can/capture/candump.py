@@ -265,7 +265,7 @@ _STAMP = re.compile(r"\(([0-9.]+)\)")
 # _MARGIN as a float too.
 _WIDTH = {2: 0.1, 3: 0.01}
 _MARGIN = 1 + 1e-14
-_CHANNEL = re.compile(r"[!-'*-~]{1,64}")      # a channel a run may name: no space, no parens
+_CHANNEL = re.compile(r"[!-'*-~]{1,64}+")      # a channel a run may name: no space, no parens
 
 
 def _unwanted_runs(keys: frozenset[int], channel: str | None) -> re.Pattern:
@@ -286,9 +286,10 @@ def _unwanted_runs(keys: frozenset[int], channel: str | None) -> re.Pattern:
         chan = re.escape(channel)
     else:
         chan = "(?!)"                        # a channel no run names: every line is read
-    frame = (rf"[0-9]{{0,30}}\) {chan} {wanted}(?:[0-7]{_H}{{2}}|[01]{_H}{{7}})"
+    # Possessive repeats (a line, and its fields, match one way only): no backtracking state.
+    frame = (rf"[0-9]{{0,30}}+\) {chan} {wanted}(?:[0-7]{_H}{{2}}|[01]{_H}{{7}})"
              rf"#(?:{_H}{{16}}|(?:{_H}{{2}}){{0,7}})\n")
-    return re.compile(rf"\(([0-9]{{1,30}}\.[0-9]{{1,2}}){frame}(?:\(\1{frame})*")
+    return re.compile(rf"\(([0-9]{{1,30}}\.[0-9]{{1,2}}){frame}(?:\(\1{frame})*+")
 
 
 def _simple_key(ident: str) -> int:
