@@ -404,10 +404,10 @@ def test_timestamps_of_any_precision_and_width(tmp_path, decimals):
 
 def test_carriage_return_and_newline_split_across_blocks(tmp_path):
     """"\\r\\n" whose "\\r" ends one block and "\\n" starts the next is one line end."""
-    from agent.can.capture import candump
+    from agent.can.capture.base import _BLOCK
 
-    head = "#\r\n" * ((candump._BLOCK - 4) // 3) + "###\r\n"
-    assert head.index("\r", candump._BLOCK - 4) == candump._BLOCK - 1   # a block's last char
+    head = "#\r\n" * ((_BLOCK - 4) // 3) + "###\r\n"
+    assert head.index("\r", _BLOCK - 4) == _BLOCK - 1   # a block's last char
     lines = [line(1.0 + n * 0.001, "123", "00") for n in range(3000)]
     lines[1000] = line(2.0, "800", "00")
     capture = tmp_path / "split-crlf.log"

@@ -14,28 +14,21 @@ regular expression over a block, never split into lines nor converted into a
 
 from __future__ import annotations
 
-import io
 import re
 import zlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import can
 
-from .base import EXTENDED_KEY, HEX_DIGITS as _HEX, LINE_ENDS, CaptureReader, Clock, finite, \
-    skip_rest
+from .base import EXTENDED_KEY, HEX_DIGITS as _HEX, TOO_LONG as _TOO_LONG, CaptureReader, \
+    Clock, finite, text_blocks
 
 CAN_ERR_FLAG = 0x20000000
 _FD_LENGTHS = frozenset((0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64))
 MAX_LINE = 1024
 _LIMIT = MAX_LINE + 1          # a line of this many characters without its newline is too long
-_BLOCK = 64 * 1024             # characters read at a time (memory: one block and one line)
-_BATCH = 512                   # lines per batch in line-by-line mode
 _IDS_REMEMBERED = 4096         # distinct wanted id texts whose last payload is kept
 _NOT_SIMPLE = -1               # an id text that needs the full parser (error frame, invalid)
-# A batch's placeholder for a line longer than MAX_LINE: one object, told apart by identity;
-# made at run time so that no line read can be that object, and with no whitespace, so that
-# the fast path sees one field and leaves it to the full parser.
-_TOO_LONG = "".join(("\0", "too-long"))
 
 
 class CandumpReader(CaptureReader):
@@ -62,7 +55,7 @@ class CandumpReader(CaptureReader):
         check = clock.next_check
         number = unwanted = 0
         try:
-            for chunk in self._blocks():
+            for chunk in text_blocks(self.handle, _LIMIT):
                 if chunk.__class__ is list:
                     for line in chunk:
                         number += 1
@@ -191,7 +184,7 @@ class CandumpReader(CaptureReader):
 
     def _batches(self) -> Iterator[list[str]]:
         """Lists of lines (without their newline), _TOO_LONG for an overlong one."""
-        for chunk in self._blocks():
+        for chunk in text_blocks(self.handle, _LIMIT):
             if chunk.__class__ is list:
                 yield chunk
                 continue
@@ -199,52 +192,6 @@ class CandumpReader(CaptureReader):
             if max(map(len, lines)) >= _LIMIT:
                 lines = [line if len(line) < _LIMIT else _TOO_LONG for line in lines]
             yield lines
-
-    def _blocks(self) -> Iterator[str | list[str]]:
-        """The file's lines, a block of whole lines at a time (text ending in a newline,
-        "\r\n" read as "\n"), while it has no lone carriage return and no line longer than
-        a block; from the first of those on, lists of lines read line by line (with their
-        line ends; _TOO_LONG for an overlong one), as Python's text files split lines."""
-        read = self.handle.read
-        carry = text = ""
-        while True:
-            block = read(_BLOCK)
-            text = carry + block if carry else block
-            if not block:
-                break                           # the last line, if it has no newline
-            cut = text.rfind("\n") + 1
-            whole = text[:cut]
-            if "\r" in whole:
-                if whole.count("\r") != whole.count("\r\n"):
-                    break
-                whole = whole.replace("\r\n", "\n")
-            carry = text[cut:]
-            if whole:
-                yield whole
-            if len(carry) >= _LIMIT:
-                text = carry
-                break
-        if text:
-            yield from _line_batches(self._readline_after(text))
-
-    def _readline_after(self, pending: str) -> Callable[[int], str]:
-        """A readline over ``pending`` (read already, from a line's start) and then the rest
-        of the file, splitting lines exactly as the file's own readline does."""
-        if pending.endswith("\r"):
-            pending += self.handle.read(1)            # "\r\n" is one line end, not two
-        if not pending.endswith(LINE_ENDS):
-            rest = self.handle.readline(_LIMIT)       # the rest of the last line read
-            pending += rest
-            if len(rest) == _LIMIT and not rest.endswith(LINE_ENDS):
-                skip_rest(self.handle.readline)       # overlong: dropped to its newline
-                pending += "\n"
-        head = io.StringIO(pending, newline="").readline
-        tail = self.handle.readline
-
-        def readline(limit: int) -> str:
-            return head(limit) or tail(limit)
-
-        return readline
 
 
 def _timestamp(stamp: str) -> float | None:
@@ -301,23 +248,6 @@ def _simple_key(ident: str) -> int:
     if len(ident) == 3:
         return can_id if can_id <= 0x7FF else _NOT_SIMPLE
     return can_id | EXTENDED_KEY if can_id <= 0x1FFFFFFF else _NOT_SIMPLE
-
-
-def _line_batches(readline: Callable[[int], str]) -> Iterator[list[str]]:
-    while True:
-        batch: list[str] = []
-        for _ in range(_BATCH):
-            line = readline(_LIMIT)     # bounded: memory never holds more than one short line
-            if not line:
-                break
-            if len(line) == _LIMIT and not line.endswith(LINE_ENDS):
-                skip_rest(readline)
-                line = _TOO_LONG
-            batch.append(line)
-        if batch:
-            yield batch
-        if len(batch) < _BATCH:
-            return
 
 
 def parse_fields(parts: list[str]) -> can.Message:
