@@ -15,7 +15,8 @@ from typing import IO, Callable, Iterator
 
 import can
 
-from .base import EXTENDED_KEY, HEX_DIGITS, CaptureReader, Clock, finite, read_line
+from .base import EXTENDED_KEY, HEX_DIGITS, MAX_LINE, TOO_LONG, CaptureReader, Clock, finite, \
+    text_blocks
 
 # python-can's text readers log a warning per line they cannot parse; we count and report
 # those lines ourselves (once, with line numbers), so their per-line warnings are noise.
@@ -36,7 +37,8 @@ _HEADER_LINES = 100
 class _CountingLines:
     """A text file that counts the lines handed out, and ends (remembering why) where the file
     cannot be read any further (a truncated or corrupt .gz), instead of raising into python-can,
-    which would take it for one bad line and try again forever."""
+    which would take it for one bad line and try again forever. Read a block at a time
+    (:func:`text_blocks`): a consumer may take runs of lines out of a block (``scan``)."""
 
     def __init__(self, handle: IO, too_long: Callable[[int], None],
                  marks: tuple[str, ...]) -> None:
@@ -48,29 +50,48 @@ class _CountingLines:
         self.header_seen = False    # a line of the format's header among the first lines
         # A line the consumer does not want, taken out before python-can parses it (True).
         self.skip: Callable[[str], bool] | None = None
+        # Called before a line of a block is handed out: may move ``pos`` past lines the
+        # consumer does not want (counting them in ``number``).
+        self.scan: Callable[[], None] | None = None
+        self._chunks = text_blocks(handle, MAX_LINE + 1)
+        self.chunk: str | list[str] = ""   # the block (str) or batch of lines being read
+        self.pos = 0                       # where in it the next line starts
 
     def __iter__(self) -> "_CountingLines":
         return self
 
     def __next__(self) -> str:
-        line = self.readline()
-        skip = self.skip
-        while skip is not None and line and skip(line):
+        scan, skip = self.scan, self.skip
+        while True:
+            if scan is not None and self.pos < len(self.chunk) and self.chunk.__class__ is str:
+                scan()
             line = self.readline()
-        if not line:
-            raise StopIteration
-        return line
+            if not line:
+                raise StopIteration
+            if skip is None or not skip(line):
+                return line
 
     def readline(self) -> str:
-        if self.failed is not None:
-            return ""
-        try:
-            line = read_line(self.handle.readline)
-        except (OSError, EOFError, zlib.error) as exc:
-            self.failed = exc
-            return ""
-        self.number += 1 if line != "" else 0
-        if line is None:
+        if self.pos >= len(self.chunk):
+            if self.failed is not None:
+                return ""
+            try:
+                self.chunk = next(self._chunks, "")
+            except (OSError, EOFError, zlib.error) as exc:
+                self.failed = exc
+                self.chunk = ""
+            self.pos = 0
+            if not self.chunk:
+                return ""
+        chunk, pos = self.chunk, self.pos
+        if chunk.__class__ is str:
+            self.pos = chunk.index("\n", pos) + 1
+            line = chunk[pos:self.pos] if self.pos - pos <= MAX_LINE + 1 else TOO_LONG
+        else:
+            line = chunk[pos]
+            self.pos = pos + 1
+        self.number += 1
+        if line is TOO_LONG:
             self.too_long(self.number)
             return "\n"    # an empty line: python-can's readers skip it
         if not self.header_seen and self.number <= _HEADER_LINES:
