@@ -25,6 +25,7 @@ _BATCH = 512                   # lines per batch in line-by-line mode
 # sees one field.
 TOO_LONG = "".join(("\0", "too-long"))
 HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+HEX_CLASS = "[0-9A-Fa-f]"     # a hex digit in a regular expression
 EXTENDED_KEY = 0x80000000     # frame key = id | EXTENDED_KEY for 29-bit ids, as agent.can.dbc
 
 
@@ -110,6 +111,19 @@ def _line_batches(readline: Callable[[int], str], limit: int) -> Iterator[list[s
             yield batch
         if len(batch) < _BATCH:
             return
+
+
+# The width of a timestamp prefix's interval by its length from the dot ("1.2": 0.1 s), and a
+# margin for the rounding of float().
+_WIDTH = {2: 0.1, 3: 0.01}
+_MARGIN = 1 + 1e-14
+
+
+def prefix_bound(prefix: str) -> float:
+    """A bound no timestamp written with ``prefix`` (seconds, a dot and one or two decimals:
+    "1700000000.12") exceeds as a float: the block scans of the text readers look at the
+    timestamps of a run of lines only when a check may be due below it."""
+    return (float(prefix) + _WIDTH[len(prefix) - prefix.index(".")]) * _MARGIN
 
 
 def finite(timestamp: float) -> bool:

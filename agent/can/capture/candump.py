@@ -20,8 +20,8 @@ from typing import Iterator
 
 import can
 
-from .base import EXTENDED_KEY, HEX_DIGITS as _HEX, TOO_LONG as _TOO_LONG, CaptureReader, \
-    Clock, finite, text_blocks
+from .base import EXTENDED_KEY, HEX_DIGITS as _HEX, HEX_CLASS as _H, TOO_LONG as _TOO_LONG, \
+    CaptureReader, Clock, finite, prefix_bound, text_blocks
 
 CAN_ERR_FLAG = 0x20000000
 _FD_LENGTHS = frozenset((0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64))
@@ -77,9 +77,7 @@ class CandumpReader(CaptureReader):
                     end = run.end()
                     # Every timestamp of the run starts with the run's prefix (seconds and one
                     # or two decimals): none reaches a check above the prefix's interval.
-                    prefix = run.group(1)
-                    if check > (float(prefix) + _WIDTH[len(prefix) - prefix.index(".")]) \
-                            * _MARGIN:
+                    if check > prefix_bound(run.group(1)):
                         lines = count_lines(text, "\n", pos, end)
                     else:
                         lines = 0
@@ -204,14 +202,8 @@ def _timestamp(stamp: str) -> float | None:
     return float(digits)
 
 
-_H = "[0-9A-Fa-f]"
 # A run's timestamps, in order: the only parentheses on its lines (a run's channel has none).
 _STAMP = re.compile(r"\(([0-9.]+)\)")
-# The width of a timestamp prefix's interval by its length from the dot ("1.2": 0.1 s), and a
-# margin for the rounding of float(): a timestamp with the prefix is below (prefix + width) *
-# _MARGIN as a float too.
-_WIDTH = {2: 0.1, 3: 0.01}
-_MARGIN = 1 + 1e-14
 _CHANNEL = re.compile(r"[!-'*-~]{1,64}+")      # a channel a run may name: no space, no parens
 
 
