@@ -332,6 +332,15 @@ RUN_BREAKERS = [
 ]
 
 
+def write_lines(capture: Path, lines: list[str], ending: str) -> None:
+    """``lines`` each with ``ending``; "\\n and a few \\r": "\\n", a lone "\\r" now and then."""
+    if len(ending) > 2:
+        capture.write_text("".join(text + ("\r" if n % 9001 == 5000 else "\n")
+                                   for n, text in enumerate(lines)), newline="")
+    else:
+        capture.write_text(ending.join(lines) + ending, newline="")
+
+
 def stamped(text: str, t: float) -> str:
     """A RUN_BREAKERS line with timestamp t (written as it was: "(0)" -> "(1700000000)")."""
     if text.startswith("(0)"):
@@ -353,11 +362,7 @@ def test_lines_that_break_runs_amid_blocks_are_read_as_by_the_plain_path(tmp_pat
         at[where] = odd
         lines.insert(where, stamped(odd, 1700000000.0 + where * 0.000111))
     capture = tmp_path / "breakers.log"
-    if len(ending) > 2:
-        capture.write_text("".join(text + ("\r" if n % 9001 == 5000 else "\n")
-                                   for n, text in enumerate(lines)), newline="")
-    else:
-        capture.write_text(ending.join(lines) + ending, newline="")
+    write_lines(capture, lines, ending)
     plain, fast = both_paths(capture, "candump", channel)
     assert fast == plain
     changes, counters, (malformed, first, other, frames, error) = fast
@@ -441,3 +446,132 @@ def test_only_the_lines_that_break_runs_are_parsed(tmp_path, monkeypatch):
     # The body frames that are not repeats (the first; none other here), and the odd line.
     assert [p[2] for p in parsed] == [f"{BODY_ID:03X}#{body_payload().hex().upper()}",
                                       "7FF#R"]
+
+
+# --- the block scan of ASC files ----------------------------------------------------------
+
+def asc_line(t: float, ident: str, data: bytes, chan: str = "1", tail: str = "") -> str:
+    hexes = " ".join(f"{b:02X}" for b in data)
+    return f"   {t:.6f} {chan}  {ident:<15} Rx   d {len(data)} {hexes}{tail}".rstrip(" ")
+
+
+def busy_asc(count: int, step: float = 0.000111, seed: int = 5, shuffle: bool = False,
+             gap: tuple[int, int] = (0, 0)) -> list[str]:
+    """busy_lines' traffic as ASC lines (relative times), the body frame every 100th line
+    (none in ``gap``); a few lines in Vector's long form (Length, BitCount, ID)."""
+    out = []
+    for n, text in enumerate(busy_lines(0.0, count, step, seed, shuffle)):
+        stamp, _chan, frame = text.split()
+        ident, _, data = frame.partition("#")
+        if ident == f"{BODY_ID:03X}" and gap[0] < n < gap[1]:
+            continue
+        ident = f"{int(ident, 16):X}x" if len(ident) == 8 else ident
+        tail = f"  Length = 240000 BitCount = 124 ID = {int(ident.rstrip('x'), 16)}" \
+            if n % 7 == 0 else ""
+        out.append(asc_line(float(stamp[1:-1]), ident, bytes.fromhex(data), tail=tail))
+    return out
+
+
+ASC_BREAKERS = [
+    asc_line(0, "2b0", body_payload()),                  # mapped id, lower case
+    asc_line(0, "02B0", body_payload()),                 # ... with a leading zero
+    asc_line(0, "018ff50e5x", bytes(8)),                 # the mapped 29-bit id
+    asc_line(0, "18FF50E5", bytes(8)),                   # the same digits, 11-bit: unmapped
+    "   0.000000 1  ErrorFrame",
+    "   0.000000 1  123             Rx   r",
+    "   0.000000 1  123             Rx   d 8 00 11",     # fewer bytes than the DLC
+    "   0.000000 1  123             Rx   d 2 00 11 22",  # more
+    "   0.000000 1  123             Rx   d 2 00 1",      # a one-digit byte
+    "   0.000000 1  123             Rx   d 2 00 ZZ",
+    "   0.000000 1  123             Rx   d G 00",
+    "   0.000000 1  123             Xx   d 1 00",
+    "   0.000000 2  123             Rx   d 1 00",        # another channel
+    "   0.000000 01  123            Rx   d 1 00",        # channel 1, spelled 01
+    "   0.000000 1  123             Tx   D 1 00",
+    "   0.000000 1\t123\tRx\td 1 00",
+    "   0.000000 1  123             Rx   d 1 00\x0b",
+    "   0.000000 1  1_23            Rx   d 1 00",
+    "   0.000000 CANFD 1 Rx 123 1 0 d 8 8 00 11 22 33 44 55 66 77 0 0 0 0 0 0 0",
+    "   0.000000 1  123             Rx   d 1 00  caf\u00e9",   # not ASCII
+    "   0.000000 Start of measurement",
+    "// a comment",
+    "",
+    "   " + "x" * 5000,                                 # too long
+    "Begin Triggerblock Mon Jan 5 11:00:00.000 am 2026",    # a new start time
+    "   0.000000 1  123             Rx   d 1 00",
+]
+
+
+def stamped_asc(text: str, t: float) -> str:
+    return text.replace("0.000000", f"{t:.6f}", 1)
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\n and a few \r"])
+@pytest.mark.parametrize("channel", [None, "1"])
+def test_asc_lines_that_break_runs_amid_blocks_are_read_as_by_the_plain_path(
+        tmp_path, ending, channel):
+    lines = busy_asc(40_000, gap=(33_000, 37_000))     # body frames stop for a while
+    for k, odd in enumerate(ASC_BREAKERS):
+        where = 700 + k * 1301
+        lines.insert(where, stamped_asc(odd, where * 0.000111))
+    lines = ASC_HEAD.splitlines() + lines + ["End TriggerBlock"]
+    capture = tmp_path / "breakers.asc"
+    write_lines(capture, lines, ending)
+    plain, fast = both_paths(capture, "asc", channel)
+    assert fast == plain
+    changes, counters, (malformed, first, other, frames, error) = fast
+    assert error is None and counters["frames"] == frames
+    assert counters["frames"] == sum(v for k, v in counters.items() if k != "frames")
+    assert counters["error_frames"] == 1 and counters["decoded"] >= 2
+    assert counters["unmapped"] > 39_000 and counters["unchanged"] > 350
+    assert other == (1 if channel else 0) and malformed >= 3
+    # The body signals go stale after the second trigger block (its start time an hour on).
+    assert ASC_BREAKERS.index("Begin Triggerblock Mon Jan 5 11:00:00.000 am 2026") * 1301 \
+        + 700 < 33_000
+    body_stale(fast)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_asc_stale_checks_fall_on_the_same_frames(tmp_path, shuffle):
+    lines = busy_asc(30_000, shuffle=shuffle, gap=(9000, 22500))
+    capture = tmp_path / "gap.asc"
+    capture.write_text(ASC_HEAD + "\n".join(lines) + "\nEnd TriggerBlock\n")
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    start = fast[0][0][0] - 0.00555          # the first body frame, 50 lines in
+    stale = body_stale(fast)
+    assert all(start + 1.0 < t < start + 2.5 for t, *_ in stale)
+
+
+def test_asc_only_the_lines_that_break_runs_are_looked_at_one_by_one(tmp_path, monkeypatch):
+    from agent.can.capture import pythoncan
+
+    looked_at = []
+    real = pythoncan._AscFilter.skips
+    monkeypatch.setattr(pythoncan._AscFilter, "skips",
+                        lambda self, line, reader: looked_at.append(line) or
+                        real(self, line, reader))
+    lines = busy_asc(20_000)
+    capture = tmp_path / "plain.asc"
+    capture.write_text(ASC_HEAD + "\n".join(lines) + "\nEnd TriggerBlock\n")
+    pipeline = SignalPipeline(demo_decoder())
+    with open_capture(capture) as reader:
+        list(pipeline.run_capture(reader))
+    counters = pipeline.decoder.counters
+    assert counters.frames == 20_000 and counters.unmapped == 19_800
+    assert counters.unchanged + counters.decoded == 200
+    # The body frames, the line after each trigger of a stale check, the first line of a
+    # block, the end: never the unmapped lines of a run.
+    body = [text for text in looked_at if f" {BODY_ID:03X} " in text]
+    assert len(body) == 200 and len(looked_at) - len(body) < 20_000 // 50
+
+
+def test_a_check_due_by_a_jump_ahead_is_judged_after_re_basing(tmp_path):
+    """A capture whose clock jumps an hour ahead (a new recording appended): the unmapped
+    frame after the jump reaches the check by its own timestamp but, re-based to follow the
+    frame before it, not by the pipeline's clock; both paths check (and go stale) alike."""
+    lines = busy_lines(1700000000.0, 30_000)
+    lines = lines[:12_000] + busy_lines(1700003600.0 + 12_000 * 0.000111, 18_000, seed=6)
+    lines = [text for n, text in enumerate(lines)
+             if not (14_000 < n < 20_000 and f" {BODY_ID:03X}#" in text)]
+    body_stale(agreed(tmp_path / "jump.log", lines))
