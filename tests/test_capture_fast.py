@@ -51,6 +51,21 @@ def test_simulated_drive_decodes_identically(tmp_path):
     assert any(path.endswith("Window.Position") for _, path, _, _ in changes)   # mux pages
 
 
+def agreed(capture: Path, lines: list[str]):
+    """Writes ``lines`` to ``capture``; the fast path's results, checked equal to the plain's."""
+    capture.write_text("\n".join(lines) + "\n")
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    return fast
+
+
+def body_stale(result) -> list:
+    """The stale changes of the body signals in a result of both_paths; all of them went."""
+    stale = [c for c in result[0] if c[3] == STALE and c[1] in BODY_PATHS]
+    assert sorted(path for _, path, _, _ in stale) == sorted(BODY_PATHS)
+    return stale
+
+
 def line(t: float, ident: str, data: str, chan: str = "can0") -> str:
     return f"({t:.6f}) {chan} {ident}#{data}"
 
@@ -67,12 +82,8 @@ def test_stale_changes_come_at_the_unmapped_frame_that_notices_them(tmp_path):
         if n % 10 == 0 and (n < 100 or n >= 300):       # the same payload each time
             lines.append(line(t, f"{BODY_ID:03X}", body))
         lines.append(line(t + 0.0001, "123", "0011223344556677"))
-    capture = tmp_path / "gap.log"
-    capture.write_text("\n".join(lines) + "\n")
-    plain, fast = both_paths(capture)
-    assert fast == plain
-    stale = [c for c in fast[0] if c[3] == STALE and c[1] in BODY_PATHS]
-    assert sorted(path for _, path, _, _ in stale) == sorted(BODY_PATHS)
+    fast = agreed(tmp_path / "gap.log", lines)
+    stale = body_stale(fast)
     unrelated = {round(1700000000.0 + n * 0.005 + 0.0001, 6) for n in range(400)}
     assert {round(t, 6) for t, *_ in stale} <= unrelated
     last_body = 1700000000.0 + 90 * 0.005
@@ -257,3 +268,310 @@ def test_fast_path_agrees_on_line_soups(tmp_path_factory, data, kind, ending, ch
     path.write_bytes(_soup(lines, ending))
     plain, fast = both_paths(path, kind, channel)
     assert fast == plain
+
+
+# --- the block scan of candump files (runs of plain unwanted lines found by one regex) -------
+
+def busy_lines(start: float, count: int, step: float = 0.000111, seed: int = 5,
+               shuffle: bool = False) -> list[str]:
+    """Unrelated traffic (the ids of a busy bus, none mapped), with the body frame (one
+    payload, repeated) every 100th line; timestamps shuffled within each 10 ms if asked."""
+    import random
+    rnd = random.Random(seed)
+    times = [start + n * step for n in range(count)]
+    if shuffle:
+        window = int(0.01 / step)
+        for at in range(0, count, window):
+            part = times[at:at + window]
+            rnd.shuffle(part)
+            times[at:at + window] = part
+    body = body_payload().hex().upper()
+    out = []
+    for n, t in enumerate(times):
+        if n % 100 == 50:
+            out.append(line(t, f"{BODY_ID:03X}", body))
+        else:
+            ident = rnd.choice(("123", "7FF", "000", "1FFFFFFF", "00000123", "5A1", "2B1"))
+            out.append(line(t, ident, bytes(rnd.randrange(256) for _ in
+                                            range(rnd.randrange(9))).hex().upper()))
+    return out
+
+
+# Lines that end a run of plain unwanted lines; each is read by the full parser.
+RUN_BREAKERS = [
+    line(0, "2b0", body_payload().hex()),               # a mapped id in lower case
+    line(0, "2B0", body_payload().hex().lower()),       # ... with lower-case data
+    line(0, "18ff50E5", "0000AC4164000000"),           # the mapped 29-bit id, mixed case
+    line(0, "20000004", "0000000000000000"),           # error frame
+    line(0, "123", "R"),                                # remote, unmapped
+    line(0, f"{BODY_ID:03X}", "R8"),                    # remote, mapped
+    line(0, "123", "#1" + "00" * 12),                   # CAN FD
+    line(0, "800", "00"),                               # 11-bit id out of range
+    line(0, "40000000", "00"),                          # beyond 29 bits
+    line(0, "123", "001"),                              # odd number of digits
+    line(0, "123", "00" * 9),                           # 9 bytes on classic CAN
+    line(0, "123", "00GG"),
+    line(0, "12", "00"),
+    line(0, "123", "00", chan="can1"),                  # another channel
+    line(0, "123", "00", chan="c(a)n0"),                # parentheses in the channel
+    line(0, "123", "00") + " T",                        # four fields
+    line(0, "123", "00").replace(" ", "  ", 1),         # two spaces
+    line(0, "123", "00").replace(" ", "\t", 1),         # a tab
+    "\t" + line(0, "123", "00") + " ",                  # surrounding blanks
+    "(0) can0 123#00",                                  # no decimals
+    "(" + "9" * 400 + ".0) can0 123#00",               # overflows to inf
+    "(" + "0" * 30 + "0.000000) can0 123#00",          # more digits than a run reads
+    "(0.000000" + "0" * 30 + ") can0 123#00",
+    "(1.5) can0 123#00#",
+    "",
+    "# a comment",
+    "x" * 1024,                                         # the longest line read
+    "x" * 1025,                                         # too long
+    "(1.5) can0 123#00\x0b",                           # vertical tab: a blank to split()
+    "(1.5) can0 123#00\x1c",                           # file separator: a blank as well
+]
+
+
+def write_lines(capture: Path, lines: list[str], ending: str) -> None:
+    """``lines`` each with ``ending``; "\\n and a few \\r": "\\n", a lone "\\r" now and then."""
+    if len(ending) > 2:
+        capture.write_text("".join(text + ("\r" if n % 9001 == 5000 else "\n")
+                                   for n, text in enumerate(lines)), newline="")
+    else:
+        capture.write_text(ending.join(lines) + ending, newline="")
+
+
+def stamped(text: str, t: float) -> str:
+    """A RUN_BREAKERS line with timestamp t (written as it was: "(0)" -> "(1700000000)")."""
+    if text.startswith("(0)"):
+        return f"({t:.0f}){text[3:]}"
+    return text.replace("0.000000", f"{t:.6f}", 1)
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r", "\n and a few \r"])
+@pytest.mark.parametrize("channel", [None, "can0"])
+def test_lines_that_break_runs_amid_blocks_are_read_as_by_the_plain_path(tmp_path, ending,
+                                                                          channel):
+    """Every kind of odd line in the middle of long runs of plain ones, over many blocks (lines
+    split across blocks): same changes, counts and malformed-line reports, at the right line
+    numbers. Line ends: any of Python's, or "\\n" with a lone "\\r" now and then."""
+    lines = busy_lines(1700000000.0, 40_000)
+    at = {}
+    for k, odd in enumerate(RUN_BREAKERS):
+        where = 700 + k * 1301              # in the middle of runs, across many blocks
+        at[where] = odd
+        lines.insert(where, stamped(odd, 1700000000.0 + where * 0.000111))
+    capture = tmp_path / "breakers.log"
+    write_lines(capture, lines, ending)
+    plain, fast = both_paths(capture, "candump", channel)
+    assert fast == plain
+    changes, counters, (malformed, first, other, frames, error) = fast
+    assert error is None and frames == counters["frames"]
+    assert counters["frames"] == sum(v for k, v in counters.items() if k != "frames")
+    assert counters["error_frames"] == 1 and counters["remote_frames"] == 1
+    assert counters["unchanged"] > 390 and counters["decoded"] == 2    # lower-case data: same
+    assert other == (2 if channel else 0)
+    # 800, 40000000, 001, 9 bytes, 00GG, 12, inf, 00#, x * 1024, too long
+    assert malformed == 10
+    numbers = sorted(at)
+    assert [n for n, _ in first] == [numbers[k] + 1 for k in (7, 8, 9, 10, 11)]
+    assert [why for _, why in first] == ["bad frame id", "bad frame id", "bad data bytes",
+                                         "9 data bytes is not a valid CAN length",
+                                         "bad data bytes"]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_stale_checks_fall_on_the_same_frames_with_timestamps_out_of_order(tmp_path, shuffle):
+    """Body frames stop and come back amid traffic whose timestamps go back and forth within
+    10 ms: the checks (stale changes) are made at the same unmapped frames by both paths."""
+    lines = busy_lines(1700000000.0, 30_000, shuffle=shuffle)
+    # Body frames stop from 1 s to 2.5 s: their signals go stale in the gap.
+    lines = [text for n, text in enumerate(lines)
+             if not (9000 < n < 22500 and f" {BODY_ID:03X}#" in text)]
+    stale = body_stale(agreed(tmp_path / "shuffled.log", lines))
+    assert all(1700000001.0 < t < 1700000002.5 for t, *_ in stale)
+
+
+@pytest.mark.parametrize("decimals", [0, 1, 2, 3, 6, 9])
+def test_timestamps_of_any_precision_and_width(tmp_path, decimals):
+    """Timestamps with 0 to 9 decimals, their integer part growing a digit (9.99 -> 10.0 ->
+    ... 100.0): the same checks and changes as the plain path."""
+    body = body_payload().hex().upper()
+    lines = []
+    for n in range(60_000):
+        t = 9.5 + n * 0.0017
+        if n % 400 == 0 and not 2000 < n < 5000:
+            lines.append(f"({t:.{decimals}f}) can0 {BODY_ID:03X}#{body}")
+        lines.append(f"({t:.{decimals}f}) can0 123#0011")
+    fast = agreed(tmp_path / "precision.log", lines)
+    assert any(c[3] == STALE for c in fast[0]) and fast[1]["unmapped"] == 60_000
+
+
+def test_carriage_return_and_newline_split_across_blocks(tmp_path):
+    """"\\r\\n" whose "\\r" ends one block and "\\n" starts the next is one line end."""
+    from agent.can.capture.base import _BLOCK
+
+    head = "#\r\n" * ((_BLOCK - 4) // 3) + "###\r\n"
+    assert head.index("\r", _BLOCK - 4) == _BLOCK - 1   # a block's last char
+    lines = [line(1.0 + n * 0.001, "123", "00") for n in range(3000)]
+    lines[1000] = line(2.0, "800", "00")
+    capture = tmp_path / "split-crlf.log"
+    capture.write_text(head + "\r\n".join(lines) + "\r\n", newline="")
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    assert fast[2][1] == [(head.count("\n") + 1000 + 1, "bad frame id")]
+    assert fast[1]["unmapped"] == 2999
+
+
+def test_only_the_lines_that_break_runs_are_parsed(tmp_path, monkeypatch):
+    """The point of the block scan: a line of an unwanted id, written as candump writes it,
+    is never parsed on its own; wanted ids and odd lines are (each once)."""
+    from agent.can.capture import candump
+
+    parsed = []
+    real = candump.parse_fields
+    monkeypatch.setattr(candump, "parse_fields", lambda parts: parsed.append(parts) or
+                        real(parts))
+    lines = busy_lines(1700000000.0, 20_000)
+    lines.insert(10_001, "(1700000001.1) can0 7FF#")        # no data: plain too
+    lines.insert(10_002, "(1700000001.1) can0 7FF#R")       # remote: parsed
+    capture = tmp_path / "plain.log"
+    capture.write_text("\n".join(lines) + "\n")
+    pipeline = SignalPipeline(demo_decoder())
+    with open_capture(capture) as reader:
+        changes = list(pipeline.run_capture(reader))
+    counters = pipeline.decoder.counters
+    assert changes and counters.frames == 20_002 and counters.unmapped == 19_800 + 2
+    assert counters.decoded == 1 and counters.unchanged == 199 and counters.remote_frames == 0
+    # The body frames that are not repeats (the first; none other here), and the odd line.
+    assert [p[2] for p in parsed] == [f"{BODY_ID:03X}#{body_payload().hex().upper()}",
+                                      "7FF#R"]
+
+
+# --- the block scan of ASC files ----------------------------------------------------------
+
+def asc_line(t: float, ident: str, data: bytes, chan: str = "1", tail: str = "") -> str:
+    hexes = " ".join(f"{b:02X}" for b in data)
+    return f"   {t:.6f} {chan}  {ident:<15} Rx   d {len(data)} {hexes}{tail}".rstrip(" ")
+
+
+def busy_asc(count: int, step: float = 0.000111, seed: int = 5, shuffle: bool = False,
+             gap: tuple[int, int] = (0, 0)) -> list[str]:
+    """busy_lines' traffic as ASC lines (relative times), the body frame every 100th line
+    (none in ``gap``); a few lines in Vector's long form (Length, BitCount, ID)."""
+    out = []
+    for n, text in enumerate(busy_lines(0.0, count, step, seed, shuffle)):
+        stamp, _chan, frame = text.split()
+        ident, _, data = frame.partition("#")
+        if ident == f"{BODY_ID:03X}" and gap[0] < n < gap[1]:
+            continue
+        ident = f"{int(ident, 16):X}x" if len(ident) == 8 else ident
+        tail = f"  Length = 240000 BitCount = 124 ID = {int(ident.rstrip('x'), 16)}" \
+            if n % 7 == 0 else ""
+        out.append(asc_line(float(stamp[1:-1]), ident, bytes.fromhex(data), tail=tail))
+    return out
+
+
+ASC_BREAKERS = [
+    asc_line(0, "2b0", body_payload()),                  # mapped id, lower case
+    asc_line(0, "02B0", body_payload()),                 # ... with a leading zero
+    asc_line(0, "018ff50e5x", bytes(8)),                 # the mapped 29-bit id
+    asc_line(0, "18FF50E5", bytes(8)),                   # the same digits, 11-bit: unmapped
+    "   0.000000 1  ErrorFrame",
+    "   0.000000 1  123             Rx   r",
+    "   0.000000 1  123             Rx   d 8 00 11",     # fewer bytes than the DLC
+    "   0.000000 1  123             Rx   d 2 00 11 22",  # more
+    "   0.000000 1  123             Rx   d 2 00 1",      # a one-digit byte
+    "   0.000000 1  123             Rx   d 2 00 ZZ",
+    "   0.000000 1  123             Rx   d G 00",
+    "   0.000000 1  123             Xx   d 1 00",
+    "   0.000000 2  123             Rx   d 1 00",        # another channel
+    "   0.000000 01  123            Rx   d 1 00",        # channel 1, spelled 01
+    "   0.000000 1  123             Tx   D 1 00",
+    "   0.000000 1\t123\tRx\td 1 00",
+    "   0.000000 1  123             Rx   d 1 00\x0b",
+    "   0.000000 1  1_23            Rx   d 1 00",
+    "   0.000000 CANFD 1 Rx 123 1 0 d 8 8 00 11 22 33 44 55 66 77 0 0 0 0 0 0 0",
+    "   0.000000 1  123             Rx   d 1 00  caf\u00e9",   # not ASCII
+    "   0.000000 Start of measurement",
+    "// a comment",
+    "",
+    "   " + "x" * 5000,                                 # too long
+    "Begin Triggerblock Mon Jan 5 11:00:00.000 am 2026",    # a new start time
+    "   0.000000 1  123             Rx   d 1 00",
+]
+
+
+def stamped_asc(text: str, t: float) -> str:
+    return text.replace("0.000000", f"{t:.6f}", 1)
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\n and a few \r"])
+@pytest.mark.parametrize("channel", [None, "1"])
+def test_asc_lines_that_break_runs_amid_blocks_are_read_as_by_the_plain_path(
+        tmp_path, ending, channel):
+    lines = busy_asc(40_000, gap=(33_000, 37_000))     # body frames stop for a while
+    for k, odd in enumerate(ASC_BREAKERS):
+        where = 700 + k * 1301
+        lines.insert(where, stamped_asc(odd, where * 0.000111))
+    lines = ASC_HEAD.splitlines() + lines + ["End TriggerBlock"]
+    capture = tmp_path / "breakers.asc"
+    write_lines(capture, lines, ending)
+    plain, fast = both_paths(capture, "asc", channel)
+    assert fast == plain
+    changes, counters, (malformed, first, other, frames, error) = fast
+    assert error is None and counters["frames"] == frames
+    assert counters["frames"] == sum(v for k, v in counters.items() if k != "frames")
+    assert counters["error_frames"] == 1 and counters["decoded"] >= 2
+    assert counters["unmapped"] > 39_000 and counters["unchanged"] > 350
+    assert other == (1 if channel else 0) and malformed >= 3
+    # The body signals go stale after the second trigger block (its start time an hour on).
+    assert ASC_BREAKERS.index("Begin Triggerblock Mon Jan 5 11:00:00.000 am 2026") * 1301 \
+        + 700 < 33_000
+    body_stale(fast)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_asc_stale_checks_fall_on_the_same_frames(tmp_path, shuffle):
+    lines = busy_asc(30_000, shuffle=shuffle, gap=(9000, 22500))
+    capture = tmp_path / "gap.asc"
+    capture.write_text(ASC_HEAD + "\n".join(lines) + "\nEnd TriggerBlock\n")
+    plain, fast = both_paths(capture)
+    assert fast == plain
+    start = fast[0][0][0] - 0.00555          # the first body frame, 50 lines in
+    stale = body_stale(fast)
+    assert all(start + 1.0 < t < start + 2.5 for t, *_ in stale)
+
+
+def test_asc_only_the_lines_that_break_runs_are_looked_at_one_by_one(tmp_path, monkeypatch):
+    from agent.can.capture import pythoncan
+
+    looked_at = []
+    real = pythoncan._AscFilter.skips
+    monkeypatch.setattr(pythoncan._AscFilter, "skips",
+                        lambda self, line, reader: looked_at.append(line) or
+                        real(self, line, reader))
+    lines = busy_asc(20_000)
+    capture = tmp_path / "plain.asc"
+    capture.write_text(ASC_HEAD + "\n".join(lines) + "\nEnd TriggerBlock\n")
+    pipeline = SignalPipeline(demo_decoder())
+    with open_capture(capture) as reader:
+        list(pipeline.run_capture(reader))
+    counters = pipeline.decoder.counters
+    assert counters.frames == 20_000 and counters.unmapped == 19_800
+    assert counters.unchanged + counters.decoded == 200
+    # The body frames, the line after each trigger of a stale check, the first line of a
+    # block, the end: never the unmapped lines of a run.
+    body = [text for text in looked_at if f" {BODY_ID:03X} " in text]
+    assert len(body) == 200 and len(looked_at) - len(body) < 20_000 // 50
+
+
+def test_a_check_due_by_a_jump_ahead_is_judged_after_re_basing(tmp_path):
+    """A capture whose clock jumps an hour ahead (a new recording appended): the unmapped
+    frame after the jump reaches the check by its own timestamp but, re-based to follow the
+    frame before it, not by the pipeline's clock; both paths check (and go stale) alike."""
+    lines = busy_lines(1700000000.0, 30_000)
+    lines = lines[:12_000] + busy_lines(1700003600.0 + 12_000 * 0.000111, 18_000, seed=6)
+    lines = [text for n, text in enumerate(lines)
+             if not (14_000 < n < 20_000 and f" {BODY_ID:03X}#" in text)]
+    body_stale(agreed(tmp_path / "jump.log", lines))

@@ -132,7 +132,9 @@ class SignalPipeline:
         try:
             for item in reader.filtered(frozenset(self.decoder.frame_keys), clock):
                 if item.__class__ is float:
-                    changes = self.tick(timeline(item))
+                    # Due by its own timestamp; re-based (one that jumped ahead), maybe not.
+                    t = timeline(item)
+                    changes = self.tick(t) if t >= self.next_check else None
                 else:
                     item.timestamp = timeline(item.timestamp)
                     changes = self.feed(item)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+import io
 import math
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 import can
 
@@ -19,7 +20,14 @@ _SKIP_CHUNK = 64 * 1024
 _FORMAT_NAMES = {"candump": "candump -L", "asc": "Vector ASC", "blf": "Vector BLF",
                  "trc": "PEAK TRC"}
 LINE_ENDS = ("\n", "\r")
+_BLOCK = 64 * 1024             # characters read at a time (memory: one block and one line)
+_BATCH = 512                   # lines per batch in line-by-line mode
+# A batch's placeholder for an overlong line: one object, told apart by identity; made at run
+# time so that no line read can be that object, and with no whitespace, so that a parser
+# sees one field.
+TOO_LONG = "".join(("\0", "too-long"))
 HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+HEX_CLASS = "[0-9A-Fa-f]"     # a hex digit in a regular expression
 
 
 def read_line(readline, limit: int = MAX_LINE) -> str | None:
@@ -38,6 +46,85 @@ def skip_rest(readline) -> None:
         rest = readline(_SKIP_CHUNK)
         if not rest or rest.endswith(LINE_ENDS):
             return
+
+
+def text_blocks(handle: IO, limit: int) -> Iterator[str | list[str]]:
+    """A text file's lines (opened with newline=""), a block of whole lines at a time (text
+    ending in a newline, "\r\n" read as "\n"), while it has no lone carriage return and no
+    line longer than a block; from the first of those on, lists of lines read line by line
+    (with their line ends; TOO_LONG for one of ``limit`` characters or more, without its
+    line end), as Python's text files split lines. Lines in blocks are not checked."""
+    read = handle.read
+    carry = text = ""
+    while True:
+        block = read(_BLOCK)
+        text = carry + block if carry else block
+        if not block:
+            break                               # the last line, if it has no newline
+        cut = text.rfind("\n") + 1
+        whole = text[:cut]
+        if "\r" in whole:
+            if whole.count("\r") != whole.count("\r\n"):
+                break
+            whole = whole.replace("\r\n", "\n")
+        carry = text[cut:]
+        if whole:
+            yield whole
+        if len(carry) >= limit:
+            text = carry
+            break
+    if text:
+        yield from _line_batches(_readline_after(handle, text, limit), limit)
+
+
+def _readline_after(handle: IO, pending: str, limit: int) -> Callable[[int], str]:
+    """A readline over ``pending`` (read already, from a line's start) and then the rest
+    of the file, splitting lines exactly as the file's own readline does."""
+    if pending.endswith("\r"):
+        pending += handle.read(1)                 # "\r\n" is one line end, not two
+    if not pending.endswith(LINE_ENDS):
+        rest = handle.readline(limit)             # the rest of the last line read
+        pending += rest
+        if len(rest) == limit and not rest.endswith(LINE_ENDS):
+            skip_rest(handle.readline)            # overlong: dropped to its newline
+            pending += "\n"
+    head = io.StringIO(pending, newline="").readline
+    tail = handle.readline
+
+    def readline(size: int) -> str:
+        return head(size) or tail(size)
+
+    return readline
+
+
+def _line_batches(readline: Callable[[int], str], limit: int) -> Iterator[list[str]]:
+    while True:
+        batch: list[str] = []
+        for _ in range(_BATCH):
+            line = readline(limit)      # bounded: memory never holds more than one short line
+            if not line:
+                break
+            if len(line) == limit and not line.endswith(LINE_ENDS):
+                skip_rest(readline)
+                line = TOO_LONG
+            batch.append(line)
+        if batch:
+            yield batch
+        if len(batch) < _BATCH:
+            return
+
+
+# The width of a timestamp prefix's interval by its length from the dot ("1.2": 0.1 s), and a
+# margin for the rounding of float().
+_WIDTH = {2: 0.1, 3: 0.01}
+_MARGIN = 1 + 1e-14
+
+
+def prefix_bound(prefix: str) -> float:
+    """A bound no timestamp written with ``prefix`` (seconds, a dot and one or two decimals:
+    "1700000000.12") exceeds as a float: the block scans of the text readers look at the
+    timestamps of a run of lines only when a check may be due below it."""
+    return (float(prefix) + _WIDTH[len(prefix) - prefix.index(".")]) * _MARGIN
 
 
 def finite(timestamp: float) -> bool:

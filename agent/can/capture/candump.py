@@ -4,36 +4,31 @@ Our own reader rather than python-can's: python-can's stops at the first malform
 has no line numbers to report), and a plain split parser is ~3x faster on the hot path.
 Also reads CAN FD (``123##1...``), remote (``123#R``) and error frames (id with CAN_ERR_FLAG).
 
-The file is read in blocks and split on newlines (a line is still bounded: one longer than
-:data:`MAX_LINE` is skipped); a file with carriage returns is read line by line from there on,
-so line numbers are those of any text reader. :meth:`CandumpReader.filtered` is the fast path
-of ``decode``: a frame whose id is not wanted is checked for well-formedness and counted,
-never converted into a :class:`can.Message`.
+The file is read in blocks of whole lines (a line is still bounded: one longer than
+:data:`MAX_LINE` is skipped; "\r\n" is read as "\n"); from a lone carriage return on, line by
+line, so line numbers are those of any text reader. :meth:`CandumpReader.filtered` is the fast
+path of ``decode``: lines of ids nobody wants are checked for well-formedness and counted by a
+regular expression over a block, never split into lines nor converted into a
+:class:`can.Message`.
 """
 
 from __future__ import annotations
 
-import io
+import re
 import zlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import can
 
-from .base import EXTENDED_KEY, HEX_DIGITS as _HEX, LINE_ENDS, CaptureReader, Clock, finite, \
-    skip_rest
+from .base import EXTENDED_KEY, HEX_DIGITS as _HEX, HEX_CLASS as _H, TOO_LONG as _TOO_LONG, \
+    CaptureReader, Clock, finite, prefix_bound, text_blocks
 
 CAN_ERR_FLAG = 0x20000000
 _FD_LENGTHS = frozenset((0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64))
 MAX_LINE = 1024
 _LIMIT = MAX_LINE + 1          # a line of this many characters without its newline is too long
-_BLOCK = 64 * 1024             # characters read at a time (memory: one block and one line)
-_BATCH = 512                   # lines per batch in line-by-line mode
-_IDS_REMEMBERED = 4096         # distinct id texts whose meaning is kept (bounded by this)
+_IDS_REMEMBERED = 4096         # distinct wanted id texts whose last payload is kept
 _NOT_SIMPLE = -1               # an id text that needs the full parser (error frame, invalid)
-# A batch's placeholder for a line longer than MAX_LINE: one object, told apart by identity;
-# made at run time so that no line read can be that object, and with no whitespace, so that
-# the fast path sees one field and leaves it to the full parser.
-_TOO_LONG = "".join(("\0", "too-long"))
 
 
 class CandumpReader(CaptureReader):
@@ -41,126 +36,120 @@ class CandumpReader(CaptureReader):
     lines_read = 0
 
     def __iter__(self) -> Iterator[can.Message]:
-        want = self.channel
         for number, line in self._numbered():
-            msg = self._parse(number, line)
-            if msg is None:
-                continue
-            if want is not None and msg.channel != want:
-                self.other_channel += 1
-                continue
-            self.frames += 1
-            yield msg
+            msg = self._frame(number, line)
+            if msg is not None:
+                yield msg
 
     def filtered(self, keys: frozenset[int], clock: Clock) -> Iterator[can.Message | float]:
-        """See :meth:`CaptureReader.filtered`. A line of an unwanted id is checked as
-        thoroughly as by :meth:`__iter__` (a malformed one is reported the same) but never
-        made into a :class:`can.Message`; nor is one of a wanted id whose payload text is
-        the one it had last, when ``clock.repeated`` takes it."""
-        want = self.channel
-        meaning: dict[str, bool] = {}   # id text -> a well-formed id nobody wants
+        """See :meth:`CaptureReader.filtered`. Runs of plain lines of unwanted ids are found,
+        checked and counted by one regular expression over a block (:func:`_unwanted_runs`),
+        never split into lines; any other line (a wanted id, an error or remote frame, CAN FD,
+        a malformed line, ...) goes through :meth:`_line`, as thorough as :meth:`__iter__`.
+        A wanted id's data frame whose payload text is the one it had last is not made into a
+        :class:`can.Message` when ``clock.repeated`` takes it."""
+        runs = _unwanted_runs(keys, self.channel).match
+        stamps = _STAMP.findall
+        count_lines = str.count
         last_payload: dict[str, str] = {}   # wanted id text -> its last payload handed over
-        fromhex = bytes.fromhex
-        # Timestamps: float() of a 17-digit one costs more than the rest of the line. A
-        # timestamp that starts with the integer part (`second`, checked once) of the previous
-        # one is checked by its decimals alone and compared as text with `below`, a bound 1 ms
-        # under next_check written the same way (exact for equal integer parts); only from
-        # there on is it converted and compared as a number. next_check changes only while a
-        # yield is out, so the bound is renewed after each yield.
-        second, below = " ", ""      # " " starts no field: no timestamp seen yet
-        cut = 1
         check = clock.next_check
         number = unwanted = 0
         try:
-            for batch in self._batches():
-                for line in batch:
-                    number += 1
-                    parts = line.split()
-                    if len(parts) == 3:
-                        stamp, chan, frame = parts
-                        ident, sep, payload = frame.partition("#")
-                        unwanted_id = meaning.get(ident)
-                        if unwanted_id is None:
-                            key = _simple_key(ident)
-                            unwanted_id = key >= 0 and key not in keys
-                            if len(meaning) < _IDS_REMEMBERED:
-                                meaning[ident] = unwanted_id
-                        # fromhex() refuses an odd length, "R" (remote) and "#" (CAN FD).
-                        if unwanted_id and sep and (want is None or chan == want) \
-                                and len(payload) <= 16:
-                            try:
-                                fromhex(payload)
-                            except ValueError:
-                                pass                # the full parser says what is wrong
-                            else:
-                                if stamp.startswith(second) and stamp[cut:-1].isdecimal() \
-                                        and stamp[-1] == ")":
-                                    unwanted += 1
-                                    if stamp >= below:
-                                        t = float(stamp[1:-1])
-                                        if t >= check:
-                                            yield t
-                                            check = clock.next_check
-                                            below = _text_bound(check, second)
-                                    continue
-                                t = _timestamp(stamp)
-                                if t is not None:
-                                    unwanted += 1
-                                    dot = stamp.find(".")
-                                    if dot > 0 and stamp[1:dot].isascii():
-                                        second = stamp[:dot + 1]
-                                        cut = dot + 1
-                                        below = _text_bound(check, second)
-                                    if t >= check:
-                                        yield t
-                                        check = clock.next_check
-                                        below = _text_bound(check, second)
-                                    continue
-                        elif sep and (want is None or chan == want) and len(payload) <= 16 \
-                                and last_payload.get(ident) == payload:
-                            # A wanted id repeating its payload: the decoder counts it as
-                            # unchanged (if it is, and not multiplexed) without a frame object.
-                            t = _timestamp(stamp)
-                            key = _simple_key(ident)
-                            if t is not None and key >= 0:
-                                try:
-                                    data = fromhex(payload)
-                                except ValueError:
-                                    data = None
-                                if data is not None:
-                                    if t >= check:
-                                        yield t
-                                        check = clock.next_check
-                                        below = _text_bound(check, second)
-                                    if clock.repeated(key, data, t):
-                                        self.frames += 1
-                                        continue
-                    msg = self._parse(number, line, parts)
-                    if msg is None:
-                        continue
-                    if want is not None and msg.channel != want:
-                        self.other_channel += 1
-                        continue
-                    if msg.is_error_frame or (msg.arbitration_id | EXTENDED_KEY
-                                              if msg.is_extended_id else msg.arbitration_id) in keys:
-                        self.frames += 1
-                        if len(parts) == 3 and sep and not msg.is_error_frame \
-                                and len(last_payload) < _IDS_REMEMBERED:
-                            last_payload[ident] = payload
-                        yield msg
-                    else:
-                        unwanted += 1
-                        if msg.timestamp < check:
-                            continue
-                        yield msg.timestamp
+            for chunk in text_blocks(self.handle, _LIMIT):
+                if chunk.__class__ is list:
+                    for line in chunk:
+                        number += 1
+                        yield from self._line(number, line, keys, clock, last_payload)
                     check = clock.next_check
-                    below = _text_bound(check, second)
+                    self.lines_read = number
+                    continue
+                text, pos, size = chunk, 0, len(chunk)
+                while pos < size:
+                    run = runs(text, pos)
+                    if run is None:                 # not a plain line of an unwanted id
+                        end = text.index("\n", pos)
+                        number += 1
+                        line = text[pos:end] if end - pos < _LIMIT else _TOO_LONG
+                        yield from self._line(number, line, keys, clock, last_payload)
+                        check = clock.next_check
+                        pos = end + 1
+                        continue
+                    end = run.end()
+                    # Every timestamp of the run starts with the run's prefix (seconds and one
+                    # or two decimals): none reaches a check above the prefix's interval.
+                    if check > prefix_bound(run.group(1)):
+                        lines = count_lines(text, "\n", pos, end)
+                    else:
+                        lines = 0
+                        for t in map(float, stamps(text, pos, end)):
+                            lines += 1
+                            if t >= check:
+                                yield t
+                                check = clock.next_check
+                    number += lines
+                    unwanted += lines
+                    pos = end
                 self.lines_read = number
         except (OSError, EOFError, zlib.error) as exc:
             self.error = f"unreadable after line {number}: {exc}"
         finally:
             self.frames += unwanted
             self.unwanted += unwanted
+
+    def _line(self, number: int, line: str, keys: frozenset[int], clock: Clock,
+              last_payload: dict[str, str]) -> Iterator[can.Message | float]:
+        """What :meth:`filtered` makes of a line that is not a plain frame of an unwanted id:
+        a wanted frame (or its timestamp and nothing, when it repeats its last payload and
+        ``clock.repeated`` takes it), an unwanted frame's timestamp when a check is due,
+        or nothing (counted)."""
+        want = self.channel
+        parts = None if line is _TOO_LONG else line.split()
+        sep = ""
+        if parts is not None and len(parts) == 3:
+            stamp, chan, frame = parts
+            ident, sep, payload = frame.partition("#")
+            if sep and (want is None or chan == want) and len(payload) <= 16 \
+                    and last_payload.get(ident) == payload:
+                # A wanted id repeating its payload: the decoder counts it as unchanged (if
+                # it is, and not multiplexed) without a frame object.
+                t = _timestamp(stamp)
+                key = _simple_key(ident)
+                if t is not None and key >= 0:
+                    try:
+                        data = bytes.fromhex(payload)
+                    except ValueError:
+                        data = None
+                    if data is not None:
+                        if t >= clock.next_check:
+                            yield t
+                        if clock.repeated(key, data, t):
+                            self.frames += 1
+                            return
+        msg = self._frame(number, line, parts)
+        if msg is None:
+            return
+        if msg.is_error_frame or (msg.arbitration_id | EXTENDED_KEY if msg.is_extended_id
+                                  else msg.arbitration_id) in keys:
+            if sep and not msg.is_error_frame and len(last_payload) < _IDS_REMEMBERED:
+                last_payload[ident] = payload
+            yield msg
+            return
+        self.unwanted += 1
+        if msg.timestamp >= clock.next_check:
+            yield msg.timestamp
+
+    def _frame(self, number: int, line: str,
+               parts: list[str] | None = None) -> can.Message | None:
+        """The frame on a line, counted, if it is one of the channel read; None for any other
+        line (counted as what it is)."""
+        msg = self._parse(number, line, parts)
+        if msg is None:
+            return None
+        if self.channel is not None and msg.channel != self.channel:
+            self.other_channel += 1
+            return None
+        self.frames += 1
+        return msg
 
     def _parse(self, number: int, line: str,
                parts: list[str] | None = None) -> can.Message | None:
@@ -192,50 +181,15 @@ class CandumpReader(CaptureReader):
             self.error = f"unreadable after line {number}: {exc}"
 
     def _batches(self) -> Iterator[list[str]]:
-        """Lists of lines (without their newline), _TOO_LONG for an overlong one. Blocks split on
-        newlines while the file has no carriage return and no overlong line; from the first
-        of those on, line by line, as Python's text files split lines."""
-        read = self.handle.read
-        carry = ""
-        while True:
-            block = read(_BLOCK)
-            if not block:
-                if carry:
-                    yield [carry if len(carry) < _LIMIT else _TOO_LONG]
-                return
-            text = carry + block if carry else block
-            if "\r" in block:
-                break
-            cut = text.rfind("\n")
-            carry = text[cut + 1:]
-            if cut >= 0:
-                lines = text[:cut].split("\n")
-                if max(map(len, lines)) >= _LIMIT:
-                    lines = [line if len(line) < _LIMIT else _TOO_LONG for line in lines]
-                yield lines
-            if len(carry) >= _LIMIT:
-                text = carry
-                break
-        yield from _line_batches(self._readline_after(text))
-
-    def _readline_after(self, pending: str) -> Callable[[int], str]:
-        """A readline over ``pending`` (read already, from a line's start) and then the rest
-        of the file, splitting lines exactly as the file's own readline does."""
-        if pending.endswith("\r"):
-            pending += self.handle.read(1)            # "\r\n" is one line end, not two
-        if not pending.endswith(LINE_ENDS):
-            rest = self.handle.readline(_LIMIT)       # the rest of the last line read
-            pending += rest
-            if len(rest) == _LIMIT and not rest.endswith(LINE_ENDS):
-                skip_rest(self.handle.readline)       # overlong: dropped to its newline
-                pending += "\n"
-        head = io.StringIO(pending, newline="").readline
-        tail = self.handle.readline
-
-        def readline(limit: int) -> str:
-            return head(limit) or tail(limit)
-
-        return readline
+        """Lists of lines (without their newline), _TOO_LONG for an overlong one."""
+        for chunk in text_blocks(self.handle, _LIMIT):
+            if chunk.__class__ is list:
+                yield chunk
+                continue
+            lines = chunk[:-1].split("\n")
+            if max(map(len, lines)) >= _LIMIT:
+                lines = [line if len(line) < _LIMIT else _TOO_LONG for line in lines]
+            yield lines
 
 
 def _timestamp(stamp: str) -> float | None:
@@ -248,15 +202,33 @@ def _timestamp(stamp: str) -> float | None:
     return float(digits)
 
 
-def _text_bound(check: float, second: str) -> str:
-    """A timestamp field 1 ms below ``check``, written with the integer digits of ``second``
-    ("(1700000000."); timestamps starting with ``second`` and below it as text are below
-    ``check`` as numbers. "" (no such bound: compare numbers) when the digits differ in count."""
-    if not abs(check) < 1e12:
-        return ""
-    # 1 ms: far more than the rounding of the 9 decimals written (float error < 1e-4 s here).
-    text = f"({check - 1e-3:.9f})"
-    return text if text.find(".") == len(second) - 1 else ""
+# A run's timestamps, in order: the only parentheses on its lines (a run's channel has none).
+_STAMP = re.compile(r"\(([0-9.]+)\)")
+_CHANNEL = re.compile(r"[!-'*-~]{1,64}+")      # a channel a run may name: no space, no parens
+
+
+def _unwanted_runs(keys: frozenset[int], channel: str | None) -> re.Pattern:
+    """A run of lines that :meth:`CandumpReader.__iter__` takes as classic data frames of ids
+    not in ``keys`` (of ``channel``, when given), as candump writes them: ``(seconds.decimals)
+    channel id#data``, single spaces, each with its newline; all with the same timestamp prefix
+    (the seconds and one or two decimals: group 1), which bounds their timestamps. The id
+    texts of ``keys`` are excluded in any case; 3-digit ids are those up to 7FF, 8-digit ones
+    up to 1FFFFFFF (so no error frame); the data is 0 to 8 bytes. Any other line (another
+    spelling, a wanted id, an error, remote or CAN FD frame, a malformed line) is not part of
+    a run: it is read line by line, by the full parser."""
+    texts = sorted(f"{key & 0x1FFFFFFF:08X}" if key & EXTENDED_KEY else f"{key:03X}"
+                   for key in keys)
+    wanted = f"(?!(?i:{'|'.join(texts)})#)" if texts else ""
+    if channel is None:
+        chan = _CHANNEL.pattern
+    elif _CHANNEL.fullmatch(channel):
+        chan = re.escape(channel)
+    else:
+        chan = "(?!)"                        # a channel no run names: every line is read
+    # Possessive repeats (a line, and its fields, match one way only): no backtracking state.
+    frame = (rf"[0-9]{{0,30}}+\) {chan} {wanted}(?:[0-7]{_H}{{2}}|[01]{_H}{{7}})"
+             rf"#(?:{_H}{{16}}|(?:{_H}{{2}}){{0,7}})\n")
+    return re.compile(rf"\(([0-9]{{1,30}}\.[0-9]{{1,2}}){frame}(?:\(\1{frame})*+")
 
 
 def _simple_key(ident: str) -> int:
@@ -268,23 +240,6 @@ def _simple_key(ident: str) -> int:
     if len(ident) == 3:
         return can_id if can_id <= 0x7FF else _NOT_SIMPLE
     return can_id | EXTENDED_KEY if can_id <= 0x1FFFFFFF else _NOT_SIMPLE
-
-
-def _line_batches(readline: Callable[[int], str]) -> Iterator[list[str]]:
-    while True:
-        batch: list[str] = []
-        for _ in range(_BATCH):
-            line = readline(_LIMIT)     # bounded: memory never holds more than one short line
-            if not line:
-                break
-            if len(line) == _LIMIT and not line.endswith(LINE_ENDS):
-                skip_rest(readline)
-                line = _TOO_LONG
-            batch.append(line)
-        if batch:
-            yield batch
-        if len(batch) < _BATCH:
-            return
 
 
 def parse_fields(parts: list[str]) -> can.Message:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import zlib
 from typing import IO, Callable, Iterator
 
 import can
 
-from .base import EXTENDED_KEY, HEX_DIGITS, CaptureReader, Clock, finite, read_line
+from .base import EXTENDED_KEY, HEX_CLASS, HEX_DIGITS, MAX_LINE, TOO_LONG, CaptureReader, \
+    Clock, finite, prefix_bound, text_blocks
 
 # python-can's text readers log a warning per line they cannot parse; we count and report
 # those lines ourselves (once, with line numbers), so their per-line warnings are noise.
@@ -36,7 +38,8 @@ _HEADER_LINES = 100
 class _CountingLines:
     """A text file that counts the lines handed out, and ends (remembering why) where the file
     cannot be read any further (a truncated or corrupt .gz), instead of raising into python-can,
-    which would take it for one bad line and try again forever."""
+    which would take it for one bad line and try again forever. Read a block at a time
+    (:func:`text_blocks`): a consumer may take runs of lines out of a block (``scan``)."""
 
     def __init__(self, handle: IO, too_long: Callable[[int], None],
                  marks: tuple[str, ...]) -> None:
@@ -48,29 +51,48 @@ class _CountingLines:
         self.header_seen = False    # a line of the format's header among the first lines
         # A line the consumer does not want, taken out before python-can parses it (True).
         self.skip: Callable[[str], bool] | None = None
+        # Called before a line of a block is handed out: may move ``pos`` past lines the
+        # consumer does not want (counting them in ``number``).
+        self.scan: Callable[[], None] | None = None
+        self._chunks = text_blocks(handle, MAX_LINE + 1)
+        self.chunk: str | list[str] = ""   # the block (str) or batch of lines being read
+        self.pos = 0                       # where in it the next line starts
 
     def __iter__(self) -> "_CountingLines":
         return self
 
     def __next__(self) -> str:
-        line = self.readline()
-        skip = self.skip
-        while skip is not None and line and skip(line):
+        scan, skip = self.scan, self.skip
+        while True:
+            if scan is not None and self.pos < len(self.chunk) and self.chunk.__class__ is str:
+                scan()
             line = self.readline()
-        if not line:
-            raise StopIteration
-        return line
+            if not line:
+                raise StopIteration
+            if skip is None or not skip(line):
+                return line
 
     def readline(self) -> str:
-        if self.failed is not None:
-            return ""
-        try:
-            line = read_line(self.handle.readline)
-        except (OSError, EOFError, zlib.error) as exc:
-            self.failed = exc
-            return ""
-        self.number += 1 if line != "" else 0
-        if line is None:
+        if self.pos >= len(self.chunk):
+            if self.failed is not None:
+                return ""
+            try:
+                self.chunk = next(self._chunks, "")
+            except (OSError, EOFError, zlib.error) as exc:
+                self.failed = exc
+                self.chunk = ""
+            self.pos = 0
+            if not self.chunk:
+                return ""
+        chunk, pos = self.chunk, self.pos
+        if chunk.__class__ is str:
+            self.pos = chunk.index("\n", pos) + 1
+            line = chunk[pos:self.pos] if self.pos - pos <= MAX_LINE + 1 else TOO_LONG
+        else:
+            line = chunk[pos]
+            self.pos = pos + 1
+        self.number += 1
+        if line is TOO_LONG:
             self.too_long(self.number)
             return "\n"    # an empty line: python-can's readers skip it
         if not self.header_seen and self.number <= _HEADER_LINES:
@@ -161,6 +183,7 @@ class PythonCanReader(CaptureReader):
                 # From python-can's first frame on (its header is read): its reader's state
                 # (start time, base) is known and no header line can be taken for a frame.
                 lines.skip = lambda line: wanted.skips(line, reader)
+                lines.scan = lambda: wanted.skip_run(lines, reader)
             yield msg
 
     def _blf(self) -> Iterator[can.Message]:
@@ -200,6 +223,37 @@ class _AscFilter:
         self.keys = keys
         self.clock = clock
         self.want = owner.channel
+        self.runs = _asc_runs(keys, owner.channel).match
+
+    def skip_run(self, lines: _CountingLines, reader) -> None:
+        """Takes the lines :meth:`skips` would take, one by one, a run at a time: those
+        :func:`_asc_runs` finds at the position in a block, up to the first that reaches the
+        clock's next check."""
+        if reader.base != "hex":
+            return
+        text, pos = lines.chunk, lines.pos
+        start = reader.start_time
+        check = self.clock.next_check
+        count = 0
+        while run := self.runs(text, pos):
+            end = run.end()
+            if check > prefix_bound(run.group(1)) + start:
+                count += text.count("\n", pos, end)
+                pos = end
+                continue
+            for stamp in _ASC_STAMP.findall(text, pos, end):
+                if not float(stamp) + start < check:
+                    break                   # python-can reads it: the check is due
+                count += 1
+                pos = text.index("\n", pos) + 1
+            if pos < end:
+                break
+        lines.pos = pos
+        lines.number += count
+        owner = self.owner
+        owner._parsed += count
+        owner.frames += count
+        owner.unwanted += count
 
     def skips(self, line: str, reader) -> bool:
         if not line.isascii():
@@ -237,3 +291,35 @@ class _AscFilter:
         owner.frames += 1
         owner.unwanted += 1
         return True
+
+
+# A run's timestamps, in order: the first field of each line.
+_ASC_STAMP = re.compile(r"^[ \t]*([0-9.]+)", re.MULTILINE)
+# The data bytes python-can reads of a classic frame, by DLC: min(8, length).
+_ASC_DATA = "|".join([f"{dlc:X}(?:[ \\t]++{HEX_CLASS}{{2}}){{{min(8, length)}}}"
+                      for dlc, length in enumerate((0, 1, 2, 3, 4, 5, 6, 7, 8))]
+                     + [f"[9A-Fa-f](?:[ \\t]++{HEX_CLASS}{{2}}){{8}}"])
+
+
+def _asc_runs(keys: frozenset[int], channel: str | None) -> re.Pattern:
+    """A run of ASC lines that :meth:`_AscFilter.skips` takes (in ``base hex``), written as
+    Vector's tools and python-can write them: ``seconds.decimals channel id[x] Rx|Tx d dlc
+    bytes...`` (blanks and tabs between the fields, anything printable after the bytes), each
+    with its newline, of ids not in ``keys`` (in any spelling: leading zeros, either case) and
+    of ``channel`` when given; all with the same timestamp prefix (seconds and one or two
+    decimals: group 1), which bounds their timestamps. Any other line is left to
+    :meth:`_AscFilter.skips` and python-can."""
+    standard = [f"{key:X}" for key in sorted(keys) if not key & EXTENDED_KEY]
+    extended = [f"{key & 0x1FFFFFFF:X}" for key in sorted(keys) if key & EXTENDED_KEY]
+    wanted = "|".join([f"0*(?i:{'|'.join(standard)})[ \\t]"] * bool(standard)
+                      + [f"0*(?i:{'|'.join(extended)})[xX]"] * bool(extended))
+    if channel is None:
+        chan = "[0-9]{1,9}+"
+    elif channel.isascii() and channel.isdigit() and str(int(channel)) == channel:
+        chan = "0+" if channel == "0" else f"0*+{channel}"
+    else:
+        chan = "(?!)"                        # a channel no run names: every line is read
+    line = (rf"[0-9]{{0,30}}+[ \t]++{chan}[ \t]++{f'(?!{wanted})' if wanted else ''}"
+            rf"{HEX_CLASS}{{1,16}}+[xX]?[ \t]++[RrTt][Xx][ \t]++[dD][ \t]++(?:{_ASC_DATA})"
+            rf"(?:[ \t][\t -~]*+)?\n")
+    return re.compile(rf"[ \t]*+([0-9]{{1,30}}\.[0-9]{{1,2}}){line}(?:[ \t]*+\1{line})*+")
