@@ -29,6 +29,7 @@ Figures (targets in README, "Performance"):
                                     (_cars_per_instance: cars at signed_msgs_per_h it takes)
   answer_ms_p50/_p99                GET /v1/vehicles/{vid}/answer on that serve, with the
                                     owner's token, 2,000 sequential requests after 200
+                                    (cloud_serve_peak_rss_mib: serve's peak RSS over both)
 Environment: BENCH_RUN_FRAMES (default 10000000), BENCH_QUICK=1 (smaller sizes, for a look).
 """
 
@@ -580,6 +581,7 @@ owners: {owners}
         fleet.close()
         fleet = None
         figures.update(_answer_latency(serve, vids, token))
+        figures["cloud_serve_peak_rss_mib"] = round(_rss_kib(serve.proc.pid)[1] / 1024, 1)
         return figures
     finally:
         if fleet is not None:
