@@ -21,6 +21,15 @@ Figures (targets in README, "Performance"):
                                     at ~9,000 frames/s, beside candump's share in the same run
   signed_msgs_per_h, signed_bytes_per_h (+ _every_s)   a realistic drive under the publish
                                     policy, against publishing every signal every second
+  cloud_ingest_per_s                verified messages stored per second by `car-agent serve`
+                                    (SQLite store; its own /metrics count) at steady state,
+                                    fed CLOUD_VEHICLES vehicles' signed events and states (the
+                                    drive above, signed as each vehicle) over mTLS MQTT, with a
+                                    backlog always waiting at the broker; _lost: sent - stored
+                                    (_cars_per_instance: cars at signed_msgs_per_h it takes)
+  answer_ms_p50/_p99                GET /v1/vehicles/{vid}/answer on that serve, with the
+                                    owner's token, 2,000 sequential requests after 200
+                                    (cloud_serve_peak_rss_mib: serve's peak RSS over both)
 Environment: BENCH_RUN_FRAMES (default 10000000), BENCH_QUICK=1 (smaller sizes, for a look).
 """
 
@@ -30,6 +39,7 @@ import json
 import os
 import platform
 import resource
+import secrets
 import socket
 import statistics
 import subprocess
@@ -38,6 +48,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -47,6 +58,9 @@ DEMO_CONFIG = ROOT / "config" / "demo.yaml"
 DEMO_DBC = ROOT / "dbc" / "demo_vehicle.dbc"
 DEMO_MAPPING = ROOT / "config" / "mapping" / "demo_vehicle.yaml"
 AGENT = [sys.executable, "-m", "agent"]
+#: The cloud benchmark's fleet, and the backlog the feed keeps at the broker for serve.
+CLOUD_VEHICLES = 50
+CLOUD_BACKLOG = 800
 
 YARDSTICK = """\
 import sys, can, cantools
@@ -307,7 +321,7 @@ def bench_door(rig: Rig) -> dict:
 # --------------------------------------------------------------------------- messages per hour
 
 
-def bench_volume(work: Path) -> dict:
+def bench_volume(work: Path) -> tuple[dict, "Drive"]:
     from agent.can.capture import open_capture
     from agent.dev.pki import init_pki
     from agent.signals.policy import PublishPolicy
@@ -325,10 +339,12 @@ def bench_volume(work: Path) -> dict:
     policy = PublishPolicy(decoder.paths, vehicle.config.policy)
     pki = work / "volume-pki"
     init_pki(pki, ["VIN1"])
-    envelopes = Envelopes(Signer.from_file(pki / "VIN1.signing.key"), "VIN1", 1)
+    envelopes = Envelopes(Signer.from_file(pki / "VIN1.signing.key"), "VIN1", 1,
+                          stream="bench-volume")
     count = size = seq = 0
     first = last = None
     t = 0.0
+    drive: list[tuple[str, Callable[[int], bytes]]] = []
     for msg in open_capture(capture):
         t = msg.timestamp
         first = t if first is None else first
@@ -337,8 +353,10 @@ def bench_volume(work: Path) -> dict:
             policy.observe(changes)
         for item in policy.due(t):
             seq += 1
-            payload = (envelopes.event(item.changes) if item.kind == "event"
-                       else envelopes.state(pipeline.state, t))(seq)
+            make = (envelopes.event(item.changes) if item.kind == "event"
+                    else envelopes.state(pipeline.state, t))
+            payload = make(seq)
+            drive.append((item.kind, make))
             count += 1
             size += len(payload)
         last = t
@@ -346,7 +364,250 @@ def bench_volume(work: Path) -> dict:
     state_size = len(envelopes.state(pipeline.state, t)(seq + 1))
     return {"signed_msgs_per_h": round(count / hours), "signed_kib_per_h": round(size / hours / 1024),
             "every_signal_every_s_msgs_per_h": 3600,
-            "every_signal_every_s_kib_per_h": round(3600 * state_size / 1024)}
+            "every_signal_every_s_kib_per_h": round(3600 * state_size / 1024)}, \
+        Drive(envelopes, drive)
+
+
+# --------------------------------------------------------------------------- cloud: serve
+
+
+class Drive:
+    """The messages a realistic drive made under the publish policy, in order, as the agent's
+    own payload factories (:class:`Envelopes`). The factories read the envelopes' vehicle,
+    signer and stream when called, so one recorded drive is signed again as any vehicle."""
+
+    def __init__(self, envelopes, items: list[tuple[str, Callable[[int], bytes]]]) -> None:
+        self.envelopes = envelopes
+        self.items = items
+
+    def signed(self, vid: str, signer, count: int, start: int) -> list[tuple[str, bytes]]:
+        """``count`` (leaf, token) of ``vid`` from item ``start`` on (the drive repeats), seq
+        1..count of a new stream, as the agent would publish them."""
+        env = self.envelopes
+        env.vehicle_id, env.signer, env.stream = vid, signer, secrets.token_hex(10)
+        out = []
+        for seq in range(1, count + 1):
+            kind, make = self.items[(start + seq) % len(self.items)]
+            out.append(("events" if kind == "event" else "state", make(seq)))
+        return out
+
+
+class Fleet:
+    """One MQTT 5 client per vehicle with its own certificate (the broker's ACL lets a
+    vehicle publish only under its own id), QoS 1 as the agent publishes."""
+
+    def __init__(self, rig: Rig, vids: list[str]) -> None:
+        import ssl
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.acked = 0
+        self._lock = threading.Lock()
+        self.clients = {}
+        connected = threading.Semaphore(0)
+        for vid in vids:
+            ctx = ssl.create_default_context(cafile=str(rig.pki / "ca.crt"))
+            ctx.load_cert_chain(rig.pki / f"{vid}.crt", rig.pki / f"{vid}.key")
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{vid}",
+                                 protocol=mqtt.MQTTv5)
+            client.tls_set_context(ctx)
+            client.max_inflight_messages_set(100)
+            client.on_connect = lambda *a: connected.release()
+            client.on_publish = self._on_publish
+            client.will_set(f"vehicles/{vid}/status", b"offline", qos=1, retain=True)
+            client.connect("127.0.0.1", rig.broker.port, 60)
+            client.loop_start()
+            self.clients[vid] = client
+        for _ in vids:
+            if not connected.acquire(timeout=30):
+                raise RuntimeError("a bench vehicle did not connect to the broker")
+        # Earlier benchmarks' agents left VIN1's state retained: serve would read and store it
+        # at start, one message more than the feed sent. An empty retained message clears it.
+        for vid, client in self.clients.items():
+            client.publish(f"vehicles/{vid}/state", b"", qos=1, retain=True)
+            client.publish(f"vehicles/{vid}/status", b"online", qos=1, retain=True)
+        deadline = time.monotonic() + 30
+        while self.acked < 2 * len(vids):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the broker did not acknowledge the bench vehicles' status")
+            time.sleep(0.01)
+
+    def _on_publish(self, *args) -> None:
+        with self._lock:
+            self.acked += 1
+
+    def publish(self, vid: str, leaf: str, token: bytes) -> None:
+        self.clients[vid].publish(f"vehicles/{vid}/{leaf}", token, qos=1,
+                                  retain=leaf == "state")
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.disconnect()
+            client.loop_stop()
+
+
+class ServeProcess:
+    """``car-agent serve --config CONFIG`` as a user runs it, and its HTTP API."""
+
+    def __init__(self, config: Path, port: int, log: Path) -> None:
+        import http.client
+
+        self.log = log
+        self._err = open(log, "wb")
+        self.proc = subprocess.Popen(AGENT + ["serve", "--config", str(config)], cwd=config.parent,
+                                     stdout=subprocess.DEVNULL, stderr=self._err)
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = json.loads(self.get("/healthz")[1])
+                if health.get("broker") and health.get("retained_read"):
+                    break
+            except (OSError, ValueError):
+                self.conn.close()
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"car-agent serve did not become healthy: "
+                                   f"{log.read_text(errors='replace').strip()[-500:]}")
+            time.sleep(0.2)
+
+    def get(self, path: str, headers: dict | None = None) -> tuple[int, bytes]:
+        self.conn.request("GET", path, headers=headers or {})
+        response = self.conn.getresponse()
+        return response.status, response.read()
+
+    def counters(self) -> dict[str, float]:
+        """serve's own counts (/metrics): stored (new), duplicate, rejected, store errors."""
+        totals = dict.fromkeys(("new", "duplicate", "rejected", "store_errors"), 0.0)
+        for line in self.get("/metrics")[1].decode().splitlines():
+            if line.startswith('car_agent_messages_stored_total{result="new"}'):
+                totals["new"] = float(line.split()[-1])
+            elif line.startswith('car_agent_messages_stored_total{result="duplicate"}'):
+                totals["duplicate"] = float(line.split()[-1])
+            elif line.startswith("car_agent_messages_rejected_total{"):
+                totals["rejected"] += float(line.split()[-1])
+            elif line.startswith("car_agent_store_errors_total "):
+                totals["store_errors"] = float(line.split()[-1])
+        return totals
+
+    def stop(self) -> None:
+        self.conn.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+        text = self.log.read_text(errors="replace")
+        if self.proc.returncode != 0 or "Traceback" in text:
+            say(f"car-agent serve exited {self.proc.returncode}; its log: {text.strip()[-800:]}")
+
+
+def bench_cloud(rig: Rig, drive: Drive) -> dict:
+    from agent.dev.broker import free_port
+    from agent.dev.pki import init_pki
+    from agent.uplink.signing import Signer
+
+    vids = [f"VIN{i}" for i in range(1, CLOUD_VEHICLES + 1)]
+    per_vehicle = 60 if QUICK else 600
+    total = per_vehicle * len(vids)
+    init_pki(rig.pki, vids)            # adds the missing vehicles; jwks.json lists them all
+    folder = rig.work / "serve"
+    folder.mkdir()
+    owners = folder / "owners.yaml"
+    token = subprocess.run(AGENT + ["owner", "add", str(owners)]
+                           + [arg for vid in vids for arg in ("--vehicle", vid)],
+                           check=True, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    port = free_port()
+    pki = rig.pki
+    config = folder / "cloud.yaml"
+    # The limiter stays in the request path; the bench's one owner just never reaches it.
+    config.write_text(f"""\
+mqtt: {{host: 127.0.0.1, port: {rig.broker.port}, ca: {pki}/ca.crt, cert: {pki}/cloud.crt, key: {pki}/cloud.key}}
+trust: {pki}/jwks.json
+store: {{url: 'sqlite:///state.db'}}
+http: {{listen: '127.0.0.1:{port}', rate: 100000, burst: 100000}}
+owners: {owners}
+""")
+    say(f"signing {total:,} messages of {len(vids)} vehicles (a drive's events and states)")
+    streams = {vid: drive.signed(vid, Signer.from_file(pki / f"{vid}.signing.key"), per_vehicle,
+                                 start=17 * i)
+               for i, vid in enumerate(vids)}
+    fleet = Fleet(rig, vids)
+    try:
+        serve = ServeProcess(config, port, folder / "serve.log")
+    except BaseException:
+        fleet.close()
+        raise
+    try:
+        say(f"cloud ingest: {total:,} signed messages from {len(vids)} vehicles into serve")
+        order = [(vid, i) for i in range(per_vehicle) for vid in vids]   # round robin
+        samples: list[tuple[float, float, float, int]] = []  # (time, stored, CPU s, sent)
+        sent = 0
+        last_change = time.monotonic()
+        while True:
+            counts = serve.counters()
+            stored = counts["new"]
+            now = time.monotonic()
+            if not samples or stored != samples[-1][1]:
+                last_change = now
+            samples.append((now, stored, _cpu_s(serve.proc.pid), sent))
+            if stored + counts["duplicate"] >= total or now - last_change > 15:
+                break
+            # Keep a backlog at the broker for serve (it is never idle waiting for us), below
+            # mosquitto's 1,000 queued messages per subscriber, beyond which it drops.
+            room = CLOUD_BACKLOG - (sent - int(stored))
+            for vid, i in order[sent:sent + max(0, room)]:
+                fleet.publish(vid, *streams[vid][i])
+            sent += max(0, min(room, total - sent))
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - now)))
+        # Steady state: from 10 % to 90 % of the messages stored (of those that arrived).
+        a = next(x for x in samples if x[1] >= 0.1 * stored)
+        b = next(x for x in samples if x[1] >= 0.9 * stored)
+        if min(x[3] - x[1] for x in samples if a[0] <= x[0] <= b[0]) <= 0:
+            say("cloud ingest: the feed did not keep serve busy (no backlog at some point): "
+                "cloud_ingest_per_s is the feed's rate, not serve's")
+        figures = {"cloud_ingest_vehicles": len(vids), "cloud_ingest_messages": total,
+                   "cloud_ingest_per_s": round((b[1] - a[1]) / (b[0] - a[0])),
+                   # On a machine shared with other work serve may wait for a core: per CPU
+                   # second of serve, as decode_fps is counted.
+                   "cloud_ingest_per_cpu_s": round((b[1] - a[1]) / (b[2] - a[2])),
+                   "cloud_ingest_serve_cpu_pct": round(100 * (b[2] - a[2]) / (b[0] - a[0]), 1),
+                   "cloud_ingest_lost": total - int(stored),
+                   "cloud_ingest_rejected": int(counts["rejected"]),
+                   "cloud_ingest_store_errors": int(counts["store_errors"])}
+        fleet.close()
+        fleet = None
+        figures.update(_answer_latency(serve, vids, token))
+        figures["cloud_serve_peak_rss_mib"] = round(_rss_kib(serve.proc.pid)[1] / 1024, 1)
+        return figures
+    finally:
+        if fleet is not None:
+            fleet.close()
+        serve.stop()
+
+
+def _answer_latency(serve: ServeProcess, vids: list[str], token: str) -> dict:
+    """GET /v1/vehicles/{vid}/answer with the owner's token, one keep-alive connection,
+    sequentially, the vehicles in turn."""
+    headers = {"Authorization": f"Bearer {token}"}
+    warmup, n = (50, 300) if QUICK else (200, 2000)
+    say(f"answer latency: {n:,} requests after {warmup}")
+    samples, failed = [], 0
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        status, body = serve.get(f"/v1/vehicles/{vids[i % len(vids)]}/answer?lang=en", headers)
+        took = (time.perf_counter() - t0) * 1000
+        if status != 200 or not json.loads(body).get("verified"):
+            failed += 1
+        elif i >= warmup:
+            samples.append(took)
+    samples.sort()
+    return {"answer_requests": n, "answer_failed": failed,
+            "answer_ms_p50": round(statistics.median(samples), 2),
+            "answer_ms_p99": round(samples[min(len(samples) - 1, int(0.99 * len(samples)))], 2)}
 
 
 # --------------------------------------------------------------------------- bus CPU on vcan
@@ -428,23 +689,36 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="car-agent-bench-") as tmp:
         work = Path(tmp)
         results.update(bench_decode(work))
-        results.update(bench_volume(work))
+        volume, drive = bench_volume(work)
+        results.update(volume)
         rig = Rig(work)
         try:
             results.update(bench_ready(rig))
             results.update(bench_door(rig))
             results.update(bench_run_rss(rig))
+            cloud = bench_cloud(rig, drive)
         finally:
             rig.close()
         results.update(bench_bus_cpu(work))
+        results.update(cloud)
+    # One serve instance against a fleet: how many cars publishing the drive's rate it takes.
+    results["cloud_ingest_cars_per_instance"] = round(
+        results["cloud_ingest_per_s"] * 3600 / results["signed_msgs_per_h"])
     Path("bench-results.json").write_text(json.dumps(results, indent=2) + "\n")
+    notes = {  # figures without a target in the issue: what they compare with
+        "cloud_ingest_per_s": "(no target)",
+        "cloud_ingest_cars_per_instance": f"(cars at {results['signed_msgs_per_h']:,} "
+                                          "signed msgs/h each)",
+        "cloud_ingest_lost": "(must be 0)",
+        "answer_ms_p99": "(no target)",
+    }
     width = max(map(len, results))
     print(f"{'figure':<{width}}  {'measured':>12}  target")
     for key, value in results.items():
         target = TARGETS.get(key)
         shown = f"{value:,}" if isinstance(value, (int, float)) and not isinstance(value, bool) \
             else str(value)
-        mark = ""
+        mark = notes.get(key, "")
         if target and isinstance(value, (int, float)):
             op, bound = target
             met = value >= bound if op == ">=" else value <= bound
