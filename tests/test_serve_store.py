@@ -258,8 +258,8 @@ def test_owner_add_refuses_a_bad_vehicle_id(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip().splitlines() == [
-        "car-agent owner: error: --vehicle 'VIN/1': not a vehicle id (1-64 characters of "
-        "A-Z a-z 0-9 . _ -, starting with a letter or digit)"]
+        "car-agent owner: error: --vehicle: 'VIN/1' is not a valid vehicle id (1-64 of "
+        "A-Z a-z 0-9 _ -, starting with a letter or digit)"]
     assert not (tmp_path / "o.yaml").exists()
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from agent.config import VEHICLE_ID_PATTERN
+from agent.config import VEHICLE_ID_PATTERN, vehicle_id_problem
 from agent.errors import ConfigError, UserError
 from agent.schema import Section, load_yaml
 
@@ -71,9 +71,9 @@ def add_owner(path: Path, vehicles: list[str]) -> str:
     """Add an owner of ``vehicles`` to the owners file (created 0600 if missing) and return
     the new token; only its SHA-256 is written."""
     for vid in vehicles:
-        if not VEHICLE_ID_PATTERN.fullmatch(vid):
-            raise UserError(f"--vehicle {vid[:70]!r}: not a vehicle id (1-64 characters of "
-                            "A-Z a-z 0-9 . _ -, starting with a letter or digit)")
+        problem = vehicle_id_problem(vid)
+        if problem:
+            raise UserError(f"--vehicle: {problem}")
     existing = load_owners(path)
     token = secrets.token_urlsafe(32)
     entries = [{"token_sha256": o.token_sha256.hex(), "vehicles": sorted(o.vehicles)}
