@@ -18,7 +18,8 @@ Figures (targets in README, "Performance"):
   door_to_puback_ms_p50/_p99        a door frame sent on a python-can virtual bus to the
                                     broker's PUBACK of its signed event (mTLS on loopback)
   bus_cpu_pct, bus_cpu_vs_candump   the daemon's CPU share on a real kernel vcan (tools/vcan-vm)
-                                    at ~9,000 frames/s, beside candump's share in the same run
+                                    at ~9,000 frames/s, beside candump's share in the same run;
+                                    bus_peak_rss_mib: the daemon's peak RSS there
   signed_msgs_per_h, signed_bytes_per_h (+ _every_s)   a realistic drive under the publish
                                     policy, against publishing every signal every second
   cloud_ingest_per_s                verified messages stored per second by `car-agent serve`
