@@ -52,7 +52,8 @@ def test_wake_publishes_without_waiting_for_the_socket_timeout(tmp_path: Path, p
         uplink.start()
         try:
             assert uplink.connected.wait(20) and online_acked.wait(20)
-            long_wait.clear()
+            # Set only by a loop call after the ack: the thread is in (or entering) its long
+            # wait. (Clearing it here raced with a thread already inside that wait.)
             assert long_wait.wait(20)       # the uplink thread waits on its socket
             entry = outbox.add(uplink.topics["events"], "event", lambda seq: b'{"seq":%d}' % seq)
             uplink.wake()
